@@ -1,0 +1,481 @@
+"""SiT with text (or class) conditioning and SPRINT dense-sparse fusion: the OmegaDiT denoiser.
+
+Sequence layout: [caption tokens (text_len) | image tokens (grid**2)] share one attention in every block. Time
+conditions every block through adaLN-Zero; a class label (class-conditional models) is added to the time embedding.
+Blocks: RMSNorm, SwiGLU MLP, 2D RoPE on image tokens only, optional QK-norm.
+
+SPRINT (Park et al. 2025, arXiv:2510.21986): the first DENSE_IN blocks see every token (dense encoder); the middle
+blocks see the caption tokens and a random subset of the image tokens in training (`sprint_drop_ratio`); their output
+is padded back with a mask token and fused with the dense encoder output by a linear projection; the last DENSE_OUT
+blocks are dense again. Path drop replaces the whole sparse-path output by the mask token: with probability
+`path_drop_prob` per training step, and on request (`uncond=True`) for the unconditional branch of guidance.
+
+REPA (Yu et al. 2024): one projector MLP per target encoder maps the image tokens after the dense encoder to the
+encoder's feature width.
+"""
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+
+from models.pos_embed import apply_rope, rope_2d_tables, sincos_2d
+
+DENSE_IN = 2
+DENSE_OUT = 2
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of t (cosines then sines, GLIDE/DiT convention) followed by a 2-layer MLP."""
+
+    def __init__(self, hidden_size, frequency_size=256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):
+        half = self.frequency_size // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(embedding.to(self.mlp[0].weight.dtype))
+
+
+class CaptionEmbedder(nn.Module):
+    """Projects caption tokens (N, text_len, text_dim) to the model width; a fixed null caption for CFG."""
+
+    def __init__(self, text_dim, hidden_size, text_len):
+        super().__init__()
+        self.y_proj = nn.Module()
+        self.y_proj.fc1 = nn.Linear(text_dim, hidden_size)
+        self.y_proj.fc2 = nn.Linear(hidden_size, hidden_size)
+        self.register_buffer("y_embedding", torch.randn(text_len, text_dim) / text_dim**0.5)
+
+    def null(self, batch_size):
+        return self.y_embedding.expand(batch_size, -1, -1)
+
+    def forward(self, caption):
+        hidden = F.gelu(self.y_proj.fc1(caption), approximate="tanh")
+        return self.y_proj.fc2(hidden)
+
+
+class LabelEmbedder(nn.Module):
+    """Class-label embedding table with one extra row, index `num_classes`, for the null class."""
+
+    def __init__(self, num_classes, hidden_size):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def null(self, batch_size, device):
+        return torch.full((batch_size,), self.num_classes, dtype=torch.long, device=device)
+
+    def forward(self, labels):
+        return self.embedding_table(labels)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through torch SDPA, with RoPE tables given per call and optional QK RMSNorm."""
+
+    def __init__(self, dim, num_heads, qk_norm=False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope_cos, rope_sin):
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, rope_cos, rope_sin).to(v.dtype)
+        k = apply_rope(k, rope_cos, rope_sin).to(v.dtype)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP (Shazeer 2020): w3(silu(a) * b) with [a, b] = w12(x)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+class SiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero modulation from the conditioning vector c."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm)
+        self.norm2 = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.mlp = SwiGLU(hidden_size, int(2 / 3 * int(hidden_size * mlp_ratio)))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c, rope_cos, rope_sin):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope_cos, rope_sin)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """RMSNorm, adaLN modulation and a linear map from tokens to patches."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def build_projector(hidden_size, projector_dim, z_dim):
+    """REPA projector: 3-layer MLP with SiLU."""
+    return nn.Sequential(
+        nn.Linear(hidden_size, projector_dim), nn.SiLU(),
+        nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+        nn.Linear(projector_dim, z_dim),
+    )
+
+
+class SiT(nn.Module):
+    """The OmegaDiT denoiser: `model(x, t, y, uncond=False) -> (velocity, projector_outputs)`.
+
+    Exactly one of `text_dim` (caption tokens of that width, `text_len` of them) and `num_classes` must be set.
+    """
+
+    def __init__(
+        self,
+        input_size=16,
+        patch_size=1,
+        in_channels=32,
+        hidden_size=768,
+        depth=12,
+        num_heads=12,
+        mlp_ratio=4.0,
+        text_dim=None,
+        text_len=77,
+        num_classes=None,
+        cfg_prob=0.1,
+        z_dims=(768,),
+        projector_dim=2048,
+        qk_norm=False,
+        sprint_drop_ratio=0.0,
+        path_drop_prob=0.05,
+    ):
+        super().__init__()
+        if (text_dim is None) == (num_classes is None):
+            raise ValueError("SiT needs exactly one of text_dim (text conditioning) or num_classes (class labels)")
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        if depth < DENSE_IN + DENSE_OUT:
+            raise ValueError(f"depth {depth} is below the {DENSE_IN + DENSE_OUT} dense blocks SPRINT needs")
+        if not 0.0 <= sprint_drop_ratio < 1.0:
+            raise ValueError(f"sprint_drop_ratio must lie in [0, 1), got {sprint_drop_ratio}")
+        self.config = dict(
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, text_dim=text_dim, text_len=text_len,
+            num_classes=num_classes, cfg_prob=cfg_prob, z_dims=list(z_dims), projector_dim=projector_dim,
+            qk_norm=qk_norm, sprint_drop_ratio=sprint_drop_ratio, path_drop_prob=path_drop_prob,
+        )
+        self.in_channels = in_channels
+        self.patch_size = patch_size
+        self.grid_size = input_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.text_len = text_len if text_dim is not None else 0
+        self.cfg_prob = cfg_prob
+        self.sprint_drop_ratio = sprint_drop_ratio
+        self.path_drop_prob = path_drop_prob
+        self.z_dims = list(z_dims)
+        self.gradient_checkpointing = False
+        self.path_drop_generator = torch.Generator().manual_seed(0)
+
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        if text_dim is not None:
+            self.y_embedder = CaptionEmbedder(text_dim, hidden_size, text_len)
+        else:
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.pos_embed = nn.Parameter(sincos_2d(hidden_size, self.grid_size)[None], requires_grad=False)
+        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.fusion_proj = nn.Linear(2 * hidden_size, hidden_size)
+        self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, z) for z in self.z_dims)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+
+        cos, sin = rope_2d_tables(hidden_size // num_heads, self.grid_size)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.initialize_weights()
+
+    @property
+    def is_text_conditioned(self):
+        return isinstance(self.y_embedder, CaptionEmbedder)
+
+    def initialize_weights(self):
+        """DiT initialisation: xavier linears, zeroed adaLN and output layers."""
+        def basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.apply(basic_init)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if not self.is_text_conditioned:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def null_condition(self, batch_size, device=None):
+        """The null caption embedding (N, text_len, text_dim) or the null class (N,) used for guidance."""
+        if self.is_text_conditioned:
+            return self.y_embedder.null(batch_size).to(device)
+        return self.y_embedder.null(batch_size, device)
+
+    def unpatchify(self, x):
+        p, g, c = self.patch_size, self.grid_size, self.in_channels
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+
+    def _rope_tables(self, image_ids=None):
+        """Cos/sin tables over [caption | image] tokens: identity on captions, 2D RoPE on the (selected) image tokens."""
+        cos, sin = self.rope_cos, self.rope_sin
+        if image_ids is not None:
+            cos, sin = cos[image_ids].unsqueeze(1), sin[image_ids].unsqueeze(1)
+        if self.text_len:
+            batch_shape = cos.shape[:-2]
+            ones = cos.new_ones(*batch_shape, self.text_len, cos.shape[-1])
+            cos = torch.cat([ones, cos], dim=-2)
+            sin = torch.cat([torch.zeros_like(ones), sin], dim=-2)
+        return cos, sin
+
+    def _run_block(self, block, x, c, rope):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, c, *rope, use_reentrant=False)
+        return block(x, c, *rope)
+
+    def _embed_condition(self, y, t_emb):
+        """Returns (caption tokens or None, conditioning vector c), applying caption/label dropout in training."""
+        batch = t_emb.shape[0]
+        if self.training and self.cfg_prob > 0:
+            drop = torch.rand(batch, device=t_emb.device) < self.cfg_prob
+            null = self.null_condition(batch, t_emb.device)
+            y = torch.where(drop.view(-1, *[1] * (y.dim() - 1)), null, y)
+        if self.is_text_conditioned:
+            return self.y_embedder(y.to(t_emb.dtype)), t_emb
+        return None, t_emb + self.y_embedder(y)
+
+    def _path_drop_mask(self, uncond, batch, device):
+        """Which samples get the mask token instead of the sparse path: a bool, or a (N,) bool tensor."""
+        if isinstance(uncond, torch.Tensor):
+            return uncond.to(device=device, dtype=torch.bool)
+        if self.training and self.path_drop_prob > 0:
+            return bool(torch.rand((), generator=self.path_drop_generator) < self.path_drop_prob)
+        return bool(uncond)
+
+    def forward(self, x, t, y, uncond=False):
+        """x (N, C, H, W) noisy latents, t (N,) times in [0, 1], y captions (N, text_len, text_dim) or labels (N,).
+
+        uncond: True (or a per-sample (N,) bool tensor) replaces the sparse path by the mask token (path drop).
+        Returns (velocity (N, C, H, W), [projector output (N, image tokens, z_dim) for each z_dim]).
+        """
+        x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
+        batch, num_image, dim = x.shape
+        c = self.t_embedder(t)
+        captions, c = self._embed_condition(y, c)
+        if captions is not None:
+            x = torch.cat([captions, x], dim=1)
+        rope_full = self._rope_tables()
+
+        for block in self.blocks[:DENSE_IN]:
+            x = self._run_block(block, x, c, rope_full)
+        dense = x
+        image_tokens = dense[:, self.text_len:]
+        zs = [projector(image_tokens) for projector in self.projectors]
+
+        path_drop = self._path_drop_mask(uncond, batch, x.device)
+        if path_drop is True:
+            sparse = self.mask_token.expand(batch, dense.shape[1], dim)
+        else:
+            sparse = self._sparse_path(dense, c)
+            if isinstance(path_drop, torch.Tensor):
+                sparse = torch.where(path_drop.view(-1, 1, 1), self.mask_token.to(sparse.dtype), sparse)
+        x = self.fusion_proj(torch.cat([dense, sparse.to(dense.dtype)], dim=-1))
+
+        for block in self.blocks[len(self.blocks) - DENSE_OUT:]:
+            x = self._run_block(block, x, c, rope_full)
+        out = self.final_layer(x[:, self.text_len:], c)
+        return self.unpatchify(out), zs
+
+    def _sparse_path(self, dense, c):
+        """Middle blocks on the caption tokens and (in training) a random subset of image tokens, padded back."""
+        middle = self.blocks[DENSE_IN:len(self.blocks) - DENSE_OUT]
+        batch, _, dim = dense.shape
+        num_keep = max(1, int(self.num_patches * (1.0 - self.sprint_drop_ratio)))
+        if not (self.training and num_keep < self.num_patches):
+            x, rope = dense, self._rope_tables()
+            for block in middle:
+                x = self._run_block(block, x, c, rope)
+            return x
+        keep = torch.rand(batch, self.num_patches, device=dense.device).argsort(dim=1)[:, :num_keep]
+        image = dense[:, self.text_len:].gather(1, keep.unsqueeze(-1).expand(-1, -1, dim))
+        x = torch.cat([dense[:, :self.text_len], image], dim=1)
+        rope = self._rope_tables(keep)
+        for block in middle:
+            x = self._run_block(block, x, c, rope)
+        padded = self.mask_token.to(x.dtype).expand(batch, self.num_patches, dim).clone()
+        padded = padded.scatter(1, keep.unsqueeze(-1).expand(-1, -1, dim), x[:, self.text_len:])
+        return torch.cat([x[:, :self.text_len], padded], dim=1)
+
+
+SIZES = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+
+
+def _constructor(size, patch_size):
+    def build(**kwargs):
+        return SiT(patch_size=patch_size, **SIZES[size], **kwargs)
+    build.__name__ = f"SiT_{size}_{patch_size}"
+    build.__doc__ = f"SiT-{size}/{patch_size}: {SIZES[size]}, patch size {patch_size}."
+    return build
+
+
+SiT_models = {f"SiT-{size}/{p}": _constructor(size, p) for size in SIZES for p in (1, 2, 4)}
+
+
+def build_model(config):
+    """Rebuild a SiT from its `model.config` dict."""
+    return SiT(**config)
+
+
+def save_model(model, path, state_dict=None):
+    """Write weights (`state_dict` or the model's) as safetensors with the model config in the file's metadata."""
+    tensors = {k: v.detach().contiguous() for k, v in (state_dict or model.state_dict()).items()}
+    save_file(tensors, str(path), metadata={"config": json.dumps(model.config)})
+
+
+def load_model(path, device="cpu"):
+    """Rebuild a SiT from a file written by `save_model` (weights and config), in eval mode."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    if "config" not in metadata:
+        raise ValueError(f"{path} has no model config in its metadata; was it written by models.sit.save_model?")
+    model = build_model(json.loads(metadata["config"]))
+    model.load_state_dict(load_file(str(path), device=str(device)))
+    return model.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Checkpoints of the original OmegaDiT train.py
+# ------------------------------------------------------------------------------------------------------------------
+
+REFERENCE_TEXT_LEN = 77
+_REFERENCE_IGNORED = ("path_type", "encoder_depth", "class_dropout_prob", "cls_token_dim", "fused_attn", "use_cfg",
+                      "num_classes", "decoder_hidden_size")
+
+
+def convert_reference_state_dict(state_dict):
+    """Map an original OmegaDiT SiT state dict to ours: fuse q/k/v, drop `v1_lambda` and the RoPE tables."""
+    prefixes = ("module.", "model.", "_orig_mod.")
+    converted = {}
+    for key, value in state_dict.items():
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if key.endswith("attn.v1_lambda") or key.startswith("feat_rope."):
+            continue
+        converted[key] = value
+    for key in [k for k in converted if k.endswith(".attn.q.weight") or k.endswith(".attn.q.bias")]:
+        base, kind = key.rsplit(".q.", 1)
+        converted[f"{base}.qkv.{kind}"] = torch.cat([converted.pop(f"{base}.{n}.{kind}") for n in "qkv"], dim=0)
+    return converted
+
+
+def from_reference(state_dict, **reference_kwargs):
+    """Build our SiT, in eval mode, from a state dict saved by the original OmegaDiT train.py.
+
+    `reference_kwargs` are the keyword arguments the original `SiT(...)` constructor took (input_size, patch_size,
+    in_channels, hidden_size, depth, num_heads, mlp_ratio, z_dims, projector_dim, ...). The original model is always
+    text-conditioned with 77 caption tokens; their width is read from the state dict.
+    """
+    kwargs = dict(reference_kwargs)
+    hidden = kwargs.get("hidden_size", 1152)
+    decoder_hidden = kwargs.get("decoder_hidden_size", hidden)
+    if decoder_hidden != hidden:
+        raise ValueError(f"decoder_hidden_size {decoder_hidden} != hidden_size {hidden}: the original model cannot run")
+    for key in _REFERENCE_IGNORED:
+        kwargs.pop(key, None)
+    converted = convert_reference_state_dict(state_dict)
+    text_dim = converted["y_embedder.y_embedding"].shape[1]
+    model = SiT(text_dim=text_dim, text_len=REFERENCE_TEXT_LEN, **kwargs)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"reference state dict does not match the config: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+def load_reference_checkpoint(path, use_ema=False, **reference_kwargs):
+    """Load a checkpoint file written by the original train.py (`{'model': ..., 'args': ...}`) without running code.
+
+    The architecture comes from `reference_kwargs` or, when absent, from the checkpoint's saved `args.model`.
+    """
+    import argparse
+
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    key = "ema" if use_ema and "ema" in ckpt else "model"
+    if key not in ckpt:
+        raise ValueError(f"{path} has no '{key}' entry; keys are {sorted(ckpt)}")
+    if not reference_kwargs:
+        reference_kwargs = reference_kwargs_from_args(ckpt.get("args"), ckpt[key])
+    return from_reference(ckpt[key], **reference_kwargs)
+
+
+def reference_kwargs_from_args(args, state_dict):
+    """Constructor kwargs for a reference checkpoint from its saved training args (model name, resolution)."""
+    if args is None or not hasattr(args, "model"):
+        raise ValueError("the checkpoint carries no training args; pass the SiT constructor kwargs explicitly")
+    size, patch = args.model.split("-")[1].split("/")
+    converted = convert_reference_state_dict(state_dict)
+    in_channels = converted["x_embedder.proj.weight"].shape[1]
+    num_patches = converted["pos_embed"].shape[1]
+    z_dims = [converted[f"projectors.{i}.4.weight"].shape[0]
+              for i in range(len([k for k in converted if k.endswith(".4.weight") and k.startswith("projectors.")]))]
+    return dict(input_size=int(math.isqrt(num_patches)) * int(patch), patch_size=int(patch), in_channels=in_channels,
+                z_dims=z_dims, projector_dim=getattr(args, "projector_dim", 2048), **SIZES[size])
