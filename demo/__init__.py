@@ -1,0 +1,1 @@
+"""Built-in demo: a synthetic captioned shapes dataset for quick text-to-image experiments."""
