@@ -1,0 +1,417 @@
+"""Dataset preparation: crop/resize images, encode them to latents, cache caption embeddings.
+
+    python preprocessing/dataset_tools.py convert --source RAW --dest DATA/images --resolution 256
+    python preprocessing/dataset_tools.py encode-vavae --config tokenizer/configs/vavae_f16d32_vfdinov2.yaml \\
+        --source DATA/images --dest DATA/vae-in --gpus 8 --batch-size 100
+    python preprocessing/dataset_tools.py encode-vavae --tokenizer pixel --gpus 0 \\
+        --source DATA/images --dest DATA/vae-in
+    python preprocessing/dataset_tools.py encode-text --data-dir DATA --text-encoder <hub id or path>
+
+Every command keeps relative paths (<rel_dir>/<stem>.<ext>), writes each file atomically and skips
+outputs that already exist, so an interrupted run resumes where it stopped.
+"""
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from tqdm import tqdm
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from json_label_dataset import IMAGE_EXTENSIONS, list_files, read_labels, to_rgb  # noqa: E402
+from models.tokenizers import load_tokenizer  # noqa: E402
+from models.vavae import read_vavae_config, resolve_checkpoint  # noqa: E402
+
+
+class ImageSource:
+    """Image files of a folder or a zip archive, by sorted relative path ('/'-separated)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self._zip = None
+        if os.path.isdir(self.path):
+            self.is_zip = False
+            self.names = list_files(self.path, IMAGE_EXTENSIONS)
+        elif os.path.isfile(self.path) and zipfile.is_zipfile(self.path):
+            self.is_zip = True
+            with zipfile.ZipFile(self.path) as z:
+                self.names = sorted(n for n in z.namelist() if _is_image_name(n))
+        else:
+            raise FileNotFoundError(f"--source is neither a directory nor a zip archive: {self.path}")
+
+    def __getstate__(self):
+        return dict(self.__dict__, _zip=None)
+
+    def read_bytes(self, name: str) -> bytes:
+        if not self.is_zip:
+            with open(os.path.join(self.path, name), "rb") as f:
+                return f.read()
+        if self._zip is None:
+            self._zip = zipfile.ZipFile(self.path)
+        return self._zip.read(name)
+
+    def open(self, name: str) -> PIL.Image.Image:
+        """The image `name` as a loaded RGB PIL image (raises on unreadable files)."""
+        fp = io.BytesIO(self.read_bytes(name)) if self.is_zip else os.path.join(self.path, name)
+        with PIL.Image.open(fp) as img:
+            img.load()
+            return to_rgb(img).copy()
+
+    def class_labels(self):
+        """{name: label} from a dataset.json at the source root, or None."""
+        if self.is_zip:
+            with zipfile.ZipFile(self.path) as z:
+                if "dataset.json" not in z.namelist():
+                    return None
+                data = json.loads(z.read("dataset.json"))
+        else:
+            meta = os.path.join(self.path, "dataset.json")
+            if not os.path.isfile(meta):
+                return None
+            with open(meta, encoding="utf-8") as f:
+                data = json.load(f)
+        return {name: label for name, label in data.get("labels") or []}
+
+
+def _is_image_name(name: str) -> bool:
+    parts = name.split("/")
+    return (not name.endswith("/") and not any(p.startswith(".") or p == "__MACOSX" for p in parts)
+            and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
+
+
+def output_names(names, suffix: str) -> dict:
+    """{source name: '<rel_dir>/<stem><suffix>'}; two sources with one output raise ValueError."""
+    outputs, seen = {}, {}
+    clashes = []
+    for name in names:
+        out = os.path.splitext(name)[0] + suffix
+        if out in seen:
+            clashes.append(f"{seen[out]} / {name}")
+        seen[out] = name
+        outputs[name] = out
+    if clashes:
+        raise ValueError(f"{len(clashes)} source files would write the same output (first 5: {'; '.join(clashes[:5])})")
+    return outputs
+
+
+def atomic_write(path, write) -> None:
+    """Create `path` by calling write(file) on a temporary file in the same directory, then renaming it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_npy(path, array) -> None:
+    """np.save `array` to `path` atomically."""
+    atomic_write(path, lambda f: np.save(f, array))
+
+
+def center_crop_adm(img: PIL.Image.Image, resolution: int) -> PIL.Image.Image:
+    """ADM center crop: halve with BOX while the short side >= 2*res, BICUBIC to short side = res, crop."""
+    while min(img.size) >= 2 * resolution:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=PIL.Image.Resampling.BOX)
+    scale = resolution / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=PIL.Image.Resampling.BICUBIC)
+    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def write_class_labels(path, labels) -> None:
+    """Write {"labels": [[fname, label], ...]} atomically."""
+    atomic_write(path, lambda f: f.write(json.dumps({"labels": labels}).encode()))
+
+
+# ---------------------------------------------------------------------------------------------------------- convert
+
+_convert_state = {}
+
+
+def _init_convert(source, dest, resolution, compress_level):
+    _convert_state.update(source=source, dest=dest, resolution=resolution, compress_level=compress_level)
+
+
+def _convert_one(job):
+    name, out = job
+    s = _convert_state
+    try:
+        img = center_crop_adm(s["source"].open(name), s["resolution"])
+    except Exception as e:  # any decoding failure of one file is reported, not fatal
+        return name, f"{type(e).__name__}: {e}"
+    atomic_write(os.path.join(s["dest"], out), lambda f: img.save(f, format="png", compress_level=s["compress_level"]))
+    return name, None
+
+
+def _map(fn, jobs, workers, initializer, initargs):
+    if workers <= 0:
+        initializer(*initargs)
+        yield from map(fn, jobs)
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"  # no CUDA here
+    with multiprocessing.get_context(method).Pool(workers, initializer, initargs) as pool:
+        yield from pool.imap_unordered(fn, jobs, chunksize=8)
+
+
+def convert(source, dest, resolution: int, max_images=None, workers: int = 0, dir_labels: bool = False,
+            compress_level: int = 6, overwrite: bool = False) -> dict:
+    """Center-crop and resize the images of a folder or zip to `resolution` PNGs under `dest`.
+
+    Relative paths are kept (extension -> .png). Unreadable files are listed and skipped. Class labels
+    from a source dataset.json (or, with dir_labels, from top-level directory names) go to dest/dataset.json.
+    Returns counts and the unreadable names.
+    """
+    src = ImageSource(source)
+    names = src.names[:max_images]
+    outputs = output_names(names, ".png")
+    todo = [n for n in names if overwrite or not os.path.isfile(os.path.join(dest, outputs[n]))]
+    print(f"convert: {len(names)} images in {source}, {len(names) - len(todo)} already in {dest}, "
+          f"converting {len(todo)} to {resolution}x{resolution}")
+    failed = {}
+    jobs = [(n, outputs[n]) for n in todo]
+    for name, error in tqdm(_map(_convert_one, jobs, workers, _init_convert, (src, str(dest), resolution,
+                                                                           compress_level)),
+                            total=len(jobs), desc="convert"):
+        if error is not None:
+            failed[name] = error
+    if failed:
+        print(f"convert: skipped {len(failed)} unreadable files:", file=sys.stderr)
+        for name in sorted(failed):
+            print(f"  {name}: {failed[name]}", file=sys.stderr)
+    done = [n for n in names if n not in failed]
+    labels = src.class_labels()
+    if labels is None and dir_labels:
+        classes = sorted({n.split("/")[0] for n in done if "/" in n})
+        labels = {n: classes.index(n.split("/")[0]) for n in done if "/" in n}
+    if labels:
+        os.makedirs(dest, exist_ok=True)
+        write_class_labels(os.path.join(dest, "dataset.json"), [[outputs[n], labels[n]] for n in done if n in labels])
+    return {"converted": len(todo) - len(failed), "skipped_existing": len(names) - len(todo),
+            "unreadable": sorted(failed)}
+
+
+# ----------------------------------------------------------------------------------------------------------- encode
+
+class _ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, source: ImageSource, names):
+        self.source, self.names = source, names
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, index):
+        name = self.names[index]
+        try:
+            array = np.array(self.source.open(name))
+        except Exception as e:  # reported by the encoder loop, not fatal
+            return name, None, f"{type(e).__name__}: {e}"
+        return name, torch.from_numpy(array).permute(2, 0, 1), None
+
+
+def _keep_list(batch):
+    return batch
+
+
+def _encode_shard(rank, world, spec, ckpt_path, source, dest, names, batch_size, dtype, workers, device_type):
+    """Encode names[rank::world] on cuda:rank (or the CPU) and save <dest>/<output>.npy files."""
+    device = torch.device(f"cuda:{rank}" if device_type == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    tokenizer = load_tokenizer(spec, device=device, ckpt_path=ckpt_path)
+    shard = names[rank::world]
+    loader = torch.utils.data.DataLoader(_ImageFiles(source, shard), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=_keep_list, pin_memory=device.type == "cuda")
+    with tqdm(total=len(shard), desc=f"encode {device}", position=rank, dynamic_ncols=True) as bar:
+        for batch in loader:
+            groups = {}
+            for name, image, error in batch:
+                if image is None:
+                    tqdm.write(f"encode: skipped unreadable {name}: {error}", file=sys.stderr)
+                else:
+                    groups.setdefault(tuple(image.shape), []).append((name, image))
+            for items in groups.values():
+                latents = tokenizer.encode(torch.stack([image for _, image in items]).to(device, non_blocking=True))
+                latents = latents.cpu().numpy().astype(dtype)
+                for (name, _), latent in zip(items, latents):
+                    save_npy(os.path.join(dest, os.path.splitext(name)[0] + ".npy"), latent)
+            bar.update(len(batch))
+
+
+def _encode_worker(rank, *args):
+    _encode_shard(rank, *args)
+
+
+def run_shards(world, device_type, *args):
+    """Run _encode_shard for ranks 0..world-1: in this process when world == 1, else one spawned process each."""
+    if world == 1:
+        _encode_shard(0, 1, *args, device_type)
+    else:
+        torch.multiprocessing.spawn(_encode_worker, args=(world, *args, device_type), nprocs=world, join=True)
+
+
+def encode(source, dest, tokenizer: str, ckpt_path=None, gpus: int = 0, batch_size: int = 100, max_images=None,
+           dtype: str = "float32", workers: int = 0) -> dict:
+    """Encode the images of a folder or zip to raw latents <dest>/<rel_dir>/<stem>.npy (C, h, w).
+
+    gpus=0 runs on the CPU in this process; gpus=N>=1 uses cuda:0..N-1, one process each, images split
+    round-robin. Existing outputs are skipped. A source dataset.json is carried over with latent names.
+    Returns counts and the names that could not be encoded.
+    """
+    if tokenizer.startswith("vavae:"):  # fail before starting processes when the checkpoint is missing
+        config = tokenizer[len("vavae:"):]
+        resolve_checkpoint(ckpt_path or read_vavae_config(config).get("ckpt_path"), config)
+    src = ImageSource(source)
+    names = src.names[:max_images]
+    outputs = output_names(names, ".npy")
+    todo = [n for n in names if not os.path.isfile(os.path.join(dest, outputs[n]))]
+    if gpus > 0 and torch.cuda.device_count() < gpus:
+        raise RuntimeError(f"--gpus {gpus} but {torch.cuda.device_count()} CUDA devices are visible "
+                           f"(use --gpus 0 to encode on the CPU)")
+    where = f"{gpus} GPU(s)" if gpus > 0 else "the CPU"
+    print(f"encode: {len(names)} images in {source}, {len(names) - len(todo)} already in {dest}, "
+          f"encoding {len(todo)} with '{tokenizer}' on {where}")
+    if todo:
+        run_shards(max(gpus, 1), "cuda" if gpus > 0 else "cpu", tokenizer, ckpt_path, src, str(dest), todo,
+                   batch_size, np.dtype(dtype), workers)
+    missing = [n for n in todo if not os.path.isfile(os.path.join(dest, outputs[n]))]
+    failed = set(missing)
+    if missing:
+        print(f"encode: {len(missing)} images could not be encoded (first 20: {', '.join(missing[:20])})",
+              file=sys.stderr)
+    labels = src.class_labels()
+    if labels:
+        os.makedirs(dest, exist_ok=True)
+        write_class_labels(os.path.join(dest, "dataset.json"),
+                           [[outputs[n], labels[n]] for n in names if n in labels and n not in failed])
+    return {"encoded": len(todo) - len(missing), "skipped_existing": len(names) - len(todo), "failed": missing}
+
+
+# ------------------------------------------------------------------------------------------------------ encode-text
+
+def _safe_id(key: str) -> str:
+    parts = key.split("/")
+    if key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"label id '{key}' is not a relative path and cannot name an embedding file")
+    return key
+
+
+def encode_text(data_dir, text_encoder: str, label_file=None, dest=None, batch_size: int = 256, device=None,
+                caption_key: str = "en") -> dict:
+    """Cache caption embeddings (77, dim) float16 as <dest>/<id>.npy (dest defaults to data_dir/text-emb)."""
+    label_file = label_file or os.path.join(data_dir, "labels.json")
+    dest = dest or os.path.join(data_dir, "text-emb")
+    captions = read_labels(label_file, caption_key)
+    todo = [k for k in sorted(captions) if not os.path.isfile(os.path.join(dest, _safe_id(k) + ".npy"))]
+    print(f"encode-text: {len(captions)} captions in {label_file}, {len(captions) - len(todo)} already in {dest}, "
+          f"encoding {len(todo)}")
+    if todo:
+        from models.text_encoder import TextEncoder
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        encoder = TextEncoder.load(text_encoder, device=device)
+        for start in tqdm(range(0, len(todo), batch_size), desc="encode-text"):
+            keys = todo[start:start + batch_size]
+            with torch.no_grad():
+                embeddings = encoder([captions[k] for k in keys])
+            embeddings = embeddings.float().cpu().numpy().astype(np.float16)
+            for key, embedding in zip(keys, embeddings):
+                save_npy(os.path.join(dest, key + ".npy"), embedding)
+    return {"encoded": len(todo), "skipped_existing": len(captions) - len(todo)}
+
+
+# ---------------------------------------------------------------------------------------------------------- command
+
+def _resolution(text: str) -> int:
+    width, _, height = text.lower().partition("x")
+    if height and height != width:
+        raise argparse.ArgumentTypeError(f"resolution must be square, got {text}")
+    return int(width)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("convert", help="center-crop and resize an image folder or zip to square PNGs")
+    p.add_argument("--source", required=True, help="input image folder or zip archive")
+    p.add_argument("--dest", required=True, help="output folder (e.g. DATA/images)")
+    p.add_argument("--resolution", required=True, type=_resolution, help="output size, e.g. 256 or 256x256")
+    p.add_argument("--max-images", type=int, help="only the first N images (sorted by path)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel processes (0: none)")
+    p.add_argument("--dir-labels", action="store_true",
+                   help="write dataset.json class labels from top-level directory names (ImageNet layout)")
+    p.add_argument("--compress-level", type=int, default=6, help="PNG zlib level (0 is largest, fastest to read)")
+    p.add_argument("--overwrite", action="store_true", help="redo images that already exist in --dest")
+
+    p = commands.add_parser("encode-vavae", help="encode images to raw latents with VA-VAE or another tokenizer")
+    p.add_argument("--config", help="VA-VAE YAML (same as --tokenizer vavae:<config>)")
+    p.add_argument("--tokenizer", help="'pixel', 'pixel:<patch>', 'vavae:<config.yaml>', or a diffusers "
+                                       "AutoencoderKL hub id / local directory")
+    p.add_argument("--ckpt-path", help="VA-VAE checkpoint overriding the config's ckpt_path")
+    p.add_argument("--source", required=True, help="input image folder or zip archive (e.g. DATA/images)")
+    p.add_argument("--dest", required=True, help="output folder (e.g. DATA/vae-in)")
+    p.add_argument("--gpus", type=int, default=torch.cuda.device_count(),
+                   help="GPUs used in parallel, one process each (0: CPU, in this process; default: all visible)")
+    p.add_argument("--batch-size", type=int, default=100, help="images per GPU per batch")
+    p.add_argument("--max-images", type=int, help="only the first N images (sorted by path)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="dtype of the saved latents")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image-decoding DataLoader workers per process")
+
+    p = commands.add_parser("encode-text", help="cache caption embeddings of labels.json as DATA/text-emb/<id>.npy")
+    p.add_argument("--data-dir", required=True, help="dataset root (holds labels.json)")
+    p.add_argument("--text-encoder", required=True, help="text encoder hub id or local path (models.text_encoder)")
+    p.add_argument("--label-file", help="captions JSON (default: DATA/labels.json)")
+    p.add_argument("--dest", help="output folder (default: DATA/text-emb)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", help="torch device (default: cuda if available)")
+    p.add_argument("--caption-key", default="en", help="caption field of labels.json entries")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run_command(args)
+    except FileNotFoundError as e:
+        print(f"{args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_command(args) -> None:
+    if args.command == "convert":
+        result = convert(args.source, args.dest, args.resolution, args.max_images, args.workers, args.dir_labels,
+                         args.compress_level, args.overwrite)
+        print(f"convert: {result['converted']} written, {result['skipped_existing']} already there, "
+              f"{len(result['unreadable'])} unreadable")
+    elif args.command == "encode-vavae":
+        if bool(args.config) == bool(args.tokenizer):
+            raise SystemExit("encode-vavae: give exactly one of --config (VA-VAE YAML) and --tokenizer")
+        spec = args.tokenizer or f"vavae:{args.config}"
+        result = encode(args.source, args.dest, spec, args.ckpt_path, args.gpus, args.batch_size, args.max_images,
+                        args.dtype, args.workers)
+        print(f"encode: {result['encoded']} encoded, {result['skipped_existing']} already there, "
+              f"{len(result['failed'])} failed")
+    else:
+        result = encode_text(args.data_dir, args.text_encoder, args.label_file, args.dest, args.batch_size,
+                             args.device, args.caption_key)
+        print(f"encode-text: {result['encoded']} encoded, {result['skipped_existing']} already there")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
