@@ -324,12 +324,16 @@ class SiT(nn.Module):
         zs = [projector(image_tokens) for projector in self.projectors]
 
         path_drop = self._path_drop_mask(uncond, batch, x.device)
-        if path_drop is True:
-            sparse = self.mask_token.expand(batch, dense.shape[1], dim)
+        mask = self.mask_token.to(dense.dtype)
+        if isinstance(path_drop, torch.Tensor):
+            sparse = torch.where(path_drop.view(-1, 1, 1), mask, self._sparse_path(dense, c))
+        elif not self.training:
+            sparse = mask.expand(batch, dense.shape[1], dim) if path_drop else self._sparse_path(dense, c)
         else:
-            sparse = self._sparse_path(dense, c)
-            if isinstance(path_drop, torch.Tensor):
-                sparse = torch.where(path_drop.view(-1, 1, 1), self.mask_token.to(sparse.dtype), sparse)
+            # Blend with a Python 0/1 rather than branching, so that every parameter (the mask token too) is in the
+            # graph on every step, as DDP requires, and the decision needs no device sync.
+            keep = 0.0 if path_drop else 1.0
+            sparse = self._sparse_path(dense, c) * keep + mask * (1.0 - keep)
         x = self.fusion_proj(torch.cat([dense, sparse.to(dense.dtype)], dim=-1))
 
         for block in self.blocks[len(self.blocks) - DENSE_OUT:]:
