@@ -24,3 +24,33 @@ def fixture_path(name: str) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def make_text_dataset(root, num=32, resolution=32, seed=0, holdout=()):
+    """The demo shapes dataset at a tiny size, encoded with the weight-free pixel tokenizer."""
+    from demo.shapes import make_dataset
+    from preprocessing.dataset_tools import encode
+
+    make_dataset(root, num, resolution=resolution, seed=seed, holdout=holdout, num_prompts=8)
+    encode(Path(root) / "images", Path(root) / "vae-in", "pixel", gpus=0, batch_size=64, workers=0)
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def text_dataset(tmp_path_factory):
+    return make_text_dataset(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from models.text_encoder import minilm_path
+    return str(minilm_path())
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps process-wide state; reset it so that each in-process run starts clean."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
