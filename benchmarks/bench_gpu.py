@@ -1,0 +1,215 @@
+"""Training-step and sampler throughput, model FLOPs and peak memory on one GPU, with random weights of real sizes.
+
+    python benchmarks/bench_gpu.py --out bench.json
+
+SiT-B/1 for 16x16x32 latents and 77x768 caption tokens; DINOv2 ViT-B/14 (timm) and a CLIP-L/14 text model
+(transformers config) with random weights; data already on the GPU. The training step is train.py's own
+`forward_backward` + `optimizer_step`; sampling is samplers.py. Prints one table at the end.
+"""
+import argparse
+import json
+import time
+from argparse import Namespace
+
+import torch
+from accelerate import Accelerator
+from torch.utils.flop_counter import FlopCounterMode
+
+from loss import SILoss
+from models.repa_encoders import build_repa_encoder
+from models.sit import SiT_models
+from samplers import SAMPLERS
+from train import forward_backward, optimizer_step
+from utils import lr_lambda
+
+LATENT = (32, 16, 16)
+TEXT = (77, 768)
+RESOLUTION = 256
+RECIPE = Namespace(proj_coeff=0.5, cfm_coeff=0.05, gradient_accumulation_steps=1, max_grad_norm=1.0,
+                   ema_decay=0.9999)
+
+
+def timed(fn, warmup, iters):
+    """Median-free simple timing: warm up, then wall time of `iters` calls between device synchronisations."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def build_sit(compile_blocks, checkpointing=False):
+    model = SiT_models["SiT-B/1"](input_size=LATENT[1], in_channels=LATENT[0], text_dim=TEXT[1], z_dims=[768])
+    model.gradient_checkpointing = checkpointing
+    if compile_blocks:
+        for block in model.blocks:
+            block.compile()
+    return model.cuda().train()
+
+
+def build_clip_text():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+    return CLIPTextModel(config).cuda().eval().requires_grad_(False)
+
+
+def training_setup(compile_blocks, checkpointing=False):
+    accelerator = Accelerator(mixed_precision="bf16")
+    model = build_sit(compile_blocks, checkpointing)
+    ema = build_sit(False).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("constant", 0, 1))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loss_fn = SILoss(path_type="linear", cfm_weighting="uniform", apply_time_shift=True)
+    return accelerator, model, ema, optimizer, scheduler, loss_fn
+
+
+def sit_step_bench(batch, compile_blocks, checkpointing=False, warmup=5, iters=20):
+    accelerator, model, ema, optimizer, scheduler, loss_fn = training_setup(compile_blocks, checkpointing)
+    latents = torch.randn(batch, *LATENT, device="cuda")
+    y = torch.randn(batch, *TEXT, device="cuda")
+    zs = [torch.randn(batch, 256, 768, device="cuda")]
+
+    def step():
+        forward_backward(accelerator, model, loss_fn, latents, y, zs, RECIPE)
+        optimizer_step(accelerator, model, ema, optimizer, scheduler, RECIPE)
+
+    torch.cuda.reset_peak_memory_stats()
+    seconds = timed(step, warmup + (10 if compile_blocks else 0), iters)
+    return dict(img_s=batch / seconds, step_ms=seconds * 1e3, peak_gb=torch.cuda.max_memory_allocated() / 1e9)
+
+
+def full_step_bench(batch, compile_blocks, checkpointing=False, warmup=5, iters=20):
+    accelerator, model, ema, optimizer, scheduler, loss_fn = training_setup(compile_blocks, checkpointing)
+    dino = build_repa_encoder("dinov2-vit-b", resolution=RESOLUTION, pretrained=False).cuda()
+    clip = build_clip_text()
+    images = torch.randint(0, 256, (batch, 3, RESOLUTION, RESOLUTION), dtype=torch.uint8, device="cuda")
+    token_ids = torch.randint(0, 49408, (batch, TEXT[0]), device="cuda")
+    latents = torch.randn(batch, *LATENT, device="cuda")
+
+    def step():
+        with torch.no_grad(), accelerator.autocast():
+            zs = [dino(images)]
+            y = clip(token_ids, output_hidden_states=True).hidden_states[-2]
+        forward_backward(accelerator, model, loss_fn, latents, y, zs, RECIPE)
+        optimizer_step(accelerator, model, ema, optimizer, scheduler, RECIPE)
+
+    torch.cuda.reset_peak_memory_stats()
+    seconds = timed(step, warmup + (10 if compile_blocks else 0), iters)
+    return dict(img_s=batch / seconds, step_ms=seconds * 1e3, peak_gb=torch.cuda.max_memory_allocated() / 1e9)
+
+
+def model_flops_per_image(batch=8):
+    """Forward + backward FLOPs of SiT-B/1 per image, counted by torch's FlopCounterMode."""
+    model = build_sit(False)
+    latents = torch.randn(batch, *LATENT, device="cuda")
+    t = torch.rand(batch, device="cuda")
+    y = torch.randn(batch, *TEXT, device="cuda")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out, zs = model(latents, t, y)
+        (out.square().mean() + zs[0].square().mean()).backward()
+    return counter.get_total_flops() / batch
+
+
+def sampling_bench(mode, batch, bf16, compile_blocks, steps=50, cfg=4.0):
+    model = SiT_models["SiT-B/1"](input_size=LATENT[1], in_channels=LATENT[0], text_dim=TEXT[1], z_dims=[768])
+    model = model.cuda().eval()
+    if compile_blocks:
+        for block in model.blocks:
+            block.compile()
+    noise = torch.randn(batch, *LATENT, device="cuda")
+    y = torch.randn(batch, *TEXT, device="cuda")
+    y_null = model.null_condition(batch, "cuda")
+
+    def run():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            SAMPLERS[mode](model, noise, y, num_steps=steps, cfg_scale=cfg, y_null=y_null, time_shifting=True,
+                           generator=torch.Generator("cuda").manual_seed(0))
+
+    seconds = timed(run, 2, 3)
+    return dict(img_s=batch / seconds, seconds=seconds)
+
+
+def numerics_check(batch=16):
+    """Relative error of the fast path (bf16 autocast, compiled blocks) against float32 eager, same weights."""
+    torch.manual_seed(0)
+    reference = build_sit(False)
+    with torch.no_grad():
+        for p in reference.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.02)
+    fast = build_sit(True)
+    fast.load_state_dict(reference.state_dict())
+    for m in (reference, fast):
+        m.cfg_prob = 0.0
+        m.path_drop_prob = 0.0
+    latents = torch.randn(batch, *LATENT, device="cuda")
+    t = torch.rand(batch, device="cuda")
+    y = torch.randn(batch, *TEXT, device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out_ref, _ = reference(latents, t, y)
+    out_ref.square().mean().backward()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out_fast, _ = fast(latents, t, y)
+    out_fast.float().square().mean().backward()
+    grads = lambda m: torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    return dict(velocity_rel_err=rel(out_fast, out_ref), grad_rel_err=rel(grads(fast), grads(reference)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=None, help="write all numbers as JSON here")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--skip", default="", help="comma separated sections to skip")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    skip = set(args.skip.split(","))
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch}
+
+    def record(name, fn):
+        if name in skip:
+            return
+        torch.cuda.empty_cache()
+        try:
+            results[name] = fn()
+        except Exception as error:  # one failing section must not hide the others' numbers
+            results[name] = {"error": repr(error)}
+        print(name, json.dumps(results[name]), flush=True)
+
+    record("numerics", numerics_check)
+    record("flops", lambda: dict(gflop_per_image=model_flops_per_image() / 1e9))
+    record("sit_step_eager", lambda: sit_step_bench(args.batch, False))
+    record("sit_step_compiled", lambda: sit_step_bench(args.batch, True))
+    record("full_step_compiled", lambda: full_step_bench(args.batch, True))
+    record("full_step_ckpt_1024", lambda: full_step_bench(1024, True, checkpointing=True, warmup=2, iters=5))
+    record("sample_sde_fp32_b64", lambda: sampling_bench("sde", 64, False, False))
+    record("sample_sde_bf16_b64", lambda: sampling_bench("sde", 64, True, False))
+    record("sample_sde_bf16_compiled_b64", lambda: sampling_bench("sde", 64, True, True))
+    record("sample_sde_bf16_compiled_b256", lambda: sampling_bench("sde", 256, True, True))
+    record("sample_ode_euler_bf16_compiled_b256", lambda: sampling_bench("euler", 256, True, True))
+    record("sample_ode_heun_bf16_compiled_b256", lambda: sampling_bench("heun", 256, True, True))
+
+    flops = results.get("flops", {}).get("gflop_per_image")
+    print("\n| what | img/s | TFLOP/s | peak GB |\n| --- | --- | --- | --- |")
+    for name, value in results.items():
+        if isinstance(value, dict) and "img_s" in value:
+            tflops = f"{value['img_s'] * flops / 1e3:.0f}" if flops and "step" in name else ""
+            print(f"| {name} | {value['img_s']:.1f} | {tflops} | {value.get('peak_gb', float('nan')):.1f} |")
+    if "numerics" in results:
+        print(f"numerics (bf16+compile vs fp32): {results['numerics']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
