@@ -8,13 +8,16 @@ SiT-B/1 for 16x16x32 latents and 77x768 caption tokens; DINOv2 ViT-B/14 (timm) a
 """
 import argparse
 import json
+import sys
 import time
 from argparse import Namespace
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loss import SILoss
 from models.repa_encoders import build_repa_encoder
 from models.sit import SiT_models
