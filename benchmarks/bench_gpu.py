@@ -44,10 +44,13 @@ def timed(fn, warmup, iters):
     return (time.perf_counter() - start) / iters
 
 
-def build_sit(compile_blocks, checkpointing=False):
+def build_sit(compile_mode, checkpointing=False):
+    """SiT-B/1 on the GPU; compile_mode: False (eager), 'blocks' (each block compiled) or 'model' (whole forward)."""
     model = SiT_models["SiT-B/1"](input_size=LATENT[1], in_channels=LATENT[0], text_dim=TEXT[1], z_dims=[768])
     model.gradient_checkpointing = checkpointing
-    if compile_blocks:
+    if compile_mode == "model":
+        model.compile()
+    elif compile_mode:
         for block in model.blocks:
             block.compile()
     return model.cuda().train()
@@ -61,9 +64,9 @@ def build_clip_text():
     return CLIPTextModel(config).cuda().eval().requires_grad_(False)
 
 
-def training_setup(compile_blocks, checkpointing=False):
+def training_setup(compile_mode, checkpointing=False):
     accelerator = Accelerator(mixed_precision="bf16")
-    model = build_sit(compile_blocks, checkpointing)
+    model = build_sit(compile_mode, checkpointing)
     ema = build_sit(False).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("constant", 0, 1))
@@ -72,8 +75,8 @@ def training_setup(compile_blocks, checkpointing=False):
     return accelerator, model, ema, optimizer, scheduler, loss_fn
 
 
-def sit_step_bench(batch, compile_blocks, checkpointing=False, warmup=5, iters=20):
-    accelerator, model, ema, optimizer, scheduler, loss_fn = training_setup(compile_blocks, checkpointing)
+def sit_step_bench(batch, compile_mode, checkpointing=False, warmup=5, iters=20):
+    accelerator, model, ema, optimizer, scheduler, loss_fn = training_setup(compile_mode, checkpointing)
     latents = torch.randn(batch, *LATENT, device="cuda")
     y = torch.randn(batch, *TEXT, device="cuda")
     zs = [torch.randn(batch, 256, 768, device="cuda")]
@@ -83,14 +86,17 @@ def sit_step_bench(batch, compile_blocks, checkpointing=False, warmup=5, iters=2
         optimizer_step(accelerator, model, ema, optimizer, scheduler, RECIPE)
 
     torch.cuda.reset_peak_memory_stats()
-    seconds = timed(step, warmup + (10 if compile_blocks else 0), iters)
+    seconds = timed(step, warmup + (10 if compile_mode else 0), iters)
     return dict(img_s=batch / seconds, step_ms=seconds * 1e3, peak_gb=torch.cuda.max_memory_allocated() / 1e9)
 
 
-def full_step_bench(batch, compile_blocks, checkpointing=False, warmup=5, iters=20):
-    accelerator, model, ema, optimizer, scheduler, loss_fn = training_setup(compile_blocks, checkpointing)
+def full_step_bench(batch, compile_mode, checkpointing=False, warmup=5, iters=20, compile_encoders=False):
+    accelerator, model, ema, optimizer, scheduler, loss_fn = training_setup(compile_mode, checkpointing)
     dino = build_repa_encoder("dinov2-vit-b", resolution=RESOLUTION, pretrained=False).cuda()
     clip = build_clip_text()
+    if compile_encoders:
+        dino.compile()
+        clip.compile()
     images = torch.randint(0, 256, (batch, 3, RESOLUTION, RESOLUTION), dtype=torch.uint8, device="cuda")
     token_ids = torch.randint(0, 49408, (batch, TEXT[0]), device="cuda")
     latents = torch.randn(batch, *LATENT, device="cuda")
@@ -103,7 +109,7 @@ def full_step_bench(batch, compile_blocks, checkpointing=False, warmup=5, iters=
         optimizer_step(accelerator, model, ema, optimizer, scheduler, RECIPE)
 
     torch.cuda.reset_peak_memory_stats()
-    seconds = timed(step, warmup + (10 if compile_blocks else 0), iters)
+    seconds = timed(step, warmup + (10 if compile_mode else 0), iters)
     return dict(img_s=batch / seconds, step_ms=seconds * 1e3, peak_gb=torch.cuda.max_memory_allocated() / 1e9)
 
 
@@ -120,12 +126,8 @@ def model_flops_per_image(batch=8):
     return counter.get_total_flops() / batch
 
 
-def sampling_bench(mode, batch, bf16, compile_blocks, steps=50, cfg=4.0):
-    model = SiT_models["SiT-B/1"](input_size=LATENT[1], in_channels=LATENT[0], text_dim=TEXT[1], z_dims=[768])
-    model = model.cuda().eval()
-    if compile_blocks:
-        for block in model.blocks:
-            block.compile()
+def sampling_bench(mode, batch, bf16, compile_mode, steps=50, cfg=4.0):
+    model = build_sit(compile_mode).eval()
     noise = torch.randn(batch, *LATENT, device="cuda")
     y = torch.randn(batch, *TEXT, device="cuda")
     y_null = model.null_condition(batch, "cuda")
@@ -139,6 +141,33 @@ def sampling_bench(mode, batch, bf16, compile_blocks, steps=50, cfg=4.0):
     return dict(img_s=batch / seconds, seconds=seconds)
 
 
+def profile_step(batch, top=15):
+    """Top CUDA kernels of a compiled training step (SiT only), as a table and as (name, share) rows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    accelerator, model, ema, optimizer, scheduler, loss_fn = training_setup("model")
+    latents = torch.randn(batch, *LATENT, device="cuda")
+    y = torch.randn(batch, *TEXT, device="cuda")
+    zs = [torch.randn(batch, 256, 768, device="cuda")]
+
+    def step():
+        forward_backward(accelerator, model, loss_fn, latents, y, zs, RECIPE)
+        optimizer_step(accelerator, model, ema, optimizer, scheduler, RECIPE)
+
+    timed(step, 12, 1)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events)
+    rows = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
+    table = [(e.key[:90], round(100 * e.self_device_time_total / total, 1)) for e in rows]
+    for name, share in table:
+        print(f"  {share:5.1f}%  {name}")
+    return dict(top_kernels=table, gpu_ms_per_step=total / 3 / 1e3)
+
+
 def numerics_check(batch=16):
     """Relative error of the fast path (bf16 autocast, compiled blocks) against float32 eager, same weights."""
     torch.manual_seed(0)
@@ -147,7 +176,7 @@ def numerics_check(batch=16):
         for p in reference.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.02)
-    fast = build_sit(True)
+    fast = build_sit("model")
     fast.load_state_dict(reference.state_dict())
     for m in (reference, fast):
         m.cfg_prob = 0.0
@@ -191,15 +220,18 @@ def main():
     record("numerics", numerics_check)
     record("flops", lambda: dict(gflop_per_image=model_flops_per_image() / 1e9))
     record("sit_step_eager", lambda: sit_step_bench(args.batch, False))
-    record("sit_step_compiled", lambda: sit_step_bench(args.batch, True))
-    record("full_step_compiled", lambda: full_step_bench(args.batch, True))
-    record("full_step_ckpt_1024", lambda: full_step_bench(1024, True, checkpointing=True, warmup=2, iters=5))
+    record("sit_step_compiled_blocks", lambda: sit_step_bench(args.batch, "blocks"))
+    record("sit_step_compiled_model", lambda: sit_step_bench(args.batch, "model"))
+    record("full_step_compiled_model", lambda: full_step_bench(args.batch, "model"))
+    record("full_step_compiled_all", lambda: full_step_bench(args.batch, "model", compile_encoders=True))
+    record("full_step_ckpt_1024", lambda: full_step_bench(1024, "model", checkpointing=True, warmup=2, iters=5,
+                                                                compile_encoders=True))
     record("sample_sde_fp32_b64", lambda: sampling_bench("sde", 64, False, False))
     record("sample_sde_bf16_b64", lambda: sampling_bench("sde", 64, True, False))
-    record("sample_sde_bf16_compiled_b64", lambda: sampling_bench("sde", 64, True, True))
-    record("sample_sde_bf16_compiled_b256", lambda: sampling_bench("sde", 256, True, True))
-    record("sample_ode_euler_bf16_compiled_b256", lambda: sampling_bench("euler", 256, True, True))
-    record("sample_ode_heun_bf16_compiled_b256", lambda: sampling_bench("heun", 256, True, True))
+    record("sample_sde_bf16_compiled_model_b64", lambda: sampling_bench("sde", 64, True, "model"))
+    record("sample_sde_bf16_compiled_model_b256", lambda: sampling_bench("sde", 256, True, "model"))
+    record("sample_ode_euler_bf16_compiled_model_b256", lambda: sampling_bench("euler", 256, True, "model"))
+    record("profile_sit_step", lambda: profile_step(args.batch))
 
     flops = results.get("flops", {}).get("gflop_per_image")
     print("\n| what | img/s | TFLOP/s | peak GB |\n| --- | --- | --- | --- |")
