@@ -49,6 +49,8 @@ def parse_args(argv=None):
                    help="shift the time grid (default: as in training)")
     g.add_argument("--shift-base", type=int, default=None, help="default: as in training, else 4096")
     g.add_argument("--global-seed", type=int, default=0)
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on with CUDA, off on CPU)")
     g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"],
                    help="bf16 model calls (auto: when the GPU supports bf16)")
     g = p.add_argument_group("decoding (defaults: what the checkpoint was trained with)")
@@ -148,6 +150,8 @@ def main(args):
     use_bf16 = args.mixed_precision == "bf16" or (
         args.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     sampler = SAMPLERS["sde" if args.mode == "sde" else ("heun" if args.heun else "euler")]
+    if args.compile if args.compile is not None else device.type == "cuda":
+        model.compile()
 
     name = args.name or output_name(args)
     image_dir = Path(args.sample_dir) / name

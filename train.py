@@ -139,6 +139,19 @@ def build_model(args, latent_shape, text_dim, z_dims):
     )
 
 
+def compile_for_training(model, frozen):
+    """torch.compile the SiT (block by block under gradient checkpointing, whose memory saving a whole-graph
+    compile would undo) and the networks inside the frozen encoders, in place: state-dict keys stay the same."""
+    if model.gradient_checkpointing:
+        for block in model.blocks:
+            block.compile()
+    else:
+        model.compile()
+    for wrapper in frozen:
+        if wrapper is not None:
+            wrapper.model.compile()
+
+
 def check_repa_tokens(encoders, image, num_patches, model_name, device):
     """REPA aligns encoder patch features token by token with the SiT image tokens: their counts must agree."""
     with torch.no_grad():
@@ -332,10 +345,8 @@ def main(args):
                      shift_base=args.shift_base)
     sampler = SampleWriter(args, dataset, text_encoder, tuple(latent.shape), device) if args.sample_every else None
 
-    use_compile = args.compile if args.compile is not None else device.type == "cuda"
-    if use_compile:
-        for block in model.blocks:
-            block.compile()
+    if args.compile if args.compile is not None else device.type == "cuda":
+        compile_for_training(model, [text_encoder, *encoders])
     model, optimizer = accelerator.prepare(model, optimizer)
 
     step = 0

@@ -22,7 +22,7 @@ from loss import SILoss
 from models.repa_encoders import build_repa_encoder
 from models.sit import SiT_models
 from samplers import SAMPLERS
-from train import forward_backward, optimizer_step
+from train import compile_for_training, forward_backward, optimizer_step
 from utils import lr_lambda
 
 LATENT = (32, 16, 16)
@@ -49,7 +49,7 @@ def build_sit(compile_mode, checkpointing=False):
     model = SiT_models["SiT-B/1"](input_size=LATENT[1], in_channels=LATENT[0], text_dim=TEXT[1], z_dims=[768])
     model.gradient_checkpointing = checkpointing
     if compile_mode == "model":
-        model.compile()
+        compile_for_training(model, [])
     elif compile_mode:
         for block in model.blocks:
             block.compile()
@@ -191,7 +191,8 @@ def numerics_check(batch=16):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out_fast, _ = fast(latents, t, y)
     out_fast.float().square().mean().backward()
-    grads = lambda m: torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+    grads = lambda m: torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                 for p in m.parameters() if p.requires_grad])
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
     return dict(velocity_rel_err=rel(out_fast, out_ref), grad_rel_err=rel(grads(fast), grads(reference)))
 
@@ -200,15 +201,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=None, help="write all numbers as JSON here")
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--skip", default="", help="comma separated sections to skip")
+    parser.add_argument("--only", default="", help="comma separated sections to run (default: all)")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    skip = set(args.skip.split(","))
+    only = set(filter(None, args.only.split(",")))
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch}
 
     def record(name, fn):
-        if name in skip:
+        if only and name not in only:
             return
         torch.cuda.empty_cache()
         try:

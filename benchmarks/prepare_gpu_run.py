@@ -1,0 +1,51 @@
+"""Prepare a real-size training run without downloads: random latents, random-weight CLIP-L and DINOv2-B.
+
+    python benchmarks/prepare_gpu_run.py --out RUN_DIR --tokenizer-files DIR_WITH_TOKENIZER_JSON
+
+Writes RUN_DIR/data (256 px shapes images, 32x16x16 random latents, labels.json), RUN_DIR/clip-l (a CLIPTextModel of
+the CLIP-L/14 text size with random weights, saved with the given tokenizer files) and RUN_DIR/dinov2-b.safetensors.
+train.py then loads them through its normal code paths (--clip-model-id RUN_DIR/clip-l, --enc-weights ...).
+"""
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from demo.shapes import make_dataset
+from models.repa_encoders import build_repa_encoder
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tokenizer-files", required=True, help="folder with a Hugging Face tokenizer.json")
+    parser.add_argument("--num", type=int, default=1024)
+    args = parser.parse_args()
+    out = Path(args.out)
+    data = out / "data"
+    make_dataset(data, args.num, resolution=256, seed=0)
+    rng = np.random.default_rng(0)
+    for image in sorted((data / "images").rglob("*.png")):
+        target = data / "vae-in" / image.relative_to(data / "images").with_suffix(".npy")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        np.save(target, rng.standard_normal((32, 16, 16), dtype=np.float32))
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+    CLIPTextModel(config).save_pretrained(out / "clip-l")
+    for f in Path(args.tokenizer_files).iterdir():
+        shutil.copy(f, out / "clip-l" / f.name)
+    encoder = build_repa_encoder("dinov2-vit-b", resolution=256, pretrained=False)
+    save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, str(out / "dinov2-b.safetensors"))
+    print(f"prepared {out}")
+
+
+if __name__ == "__main__":
+    main()
