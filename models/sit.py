@@ -300,8 +300,14 @@ class SiT(nn.Module):
         if isinstance(uncond, torch.Tensor):
             return uncond.to(device=device, dtype=torch.bool)
         if self.training and self.path_drop_prob > 0:
-            return bool(torch.rand((), generator=self.path_drop_generator) < self.path_drop_prob)
+            return self._draw_path_drop()
         return bool(uncond)
+
+    @torch.compiler.disable
+    def _draw_path_drop(self):
+        """One draw from the model's own CPU generator: the same on every rank (same seed), no device sync.
+        Kept out of torch.compile graphs, which would otherwise break on the Python bool with a warning."""
+        return bool(torch.rand((), generator=self.path_drop_generator) < self.path_drop_prob)
 
     def forward(self, x, t, y, uncond=False):
         """x (N, C, H, W) noisy latents, t (N,) times in [0, 1], y captions (N, text_len, text_dim) or labels (N,).
