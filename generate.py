@@ -213,7 +213,7 @@ def build_text_encoder(args, train_args, model, device):
     from models.text_encoder import TextEncoder
 
     model_id = args.text_encoder or train_args.get("clip_model_id") or "AI-ModelScope/CLIP-GmP-ViT-L-14"
-    encoder = TextEncoder.load(model_id, device=device)
+    encoder = TextEncoder.load(model_id, device=device, max_length=model.config["text_len"])
     if encoder.dim != model.config["text_dim"]:
         raise ValueError(f"text encoder {model_id} gives {encoder.dim}-d tokens but the model expects "
                          f"{model.config['text_dim']}-d: pass the --text-encoder it was trained with")

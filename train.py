@@ -58,6 +58,7 @@ def parse_args(argv=None):
     g.add_argument("--text-emb-dir", default=None, help="cached caption embeddings (preprocessing encode-text)")
     g.add_argument("--clip-model-id", default="AI-ModelScope/CLIP-GmP-ViT-L-14",
                    help="text encoder: hub id, ModelScope id or local directory")
+    g.add_argument("--text-len", type=int, default=77, help="caption tokens per image (padded or truncated)")
     g.add_argument("--tokenizer", default="vavae:tokenizer/configs/vavae_f16d32_vfdinov2.yaml",
                    help="image autoencoder of the latents, used to decode samples (pixel, vavae:CONFIG, diffusers id)")
     g.add_argument("--batch-size", type=int, default=8, help="global batch over all processes")
@@ -117,7 +118,17 @@ def build_text_encoder(args, device):
     if not args.use_json_dataset or args.text_emb_dir:
         return None
     from models.text_encoder import TextEncoder
-    return TextEncoder.load(args.clip_model_id, device=device)
+    return TextEncoder.load(args.clip_model_id, device=device, max_length=args.text_len)
+
+
+def cached_text_dim(dataset, args):
+    """Width of the cached caption embeddings, after checking that they hold --text-len tokens."""
+    tokens, dim = dataset[0][2].shape
+    if tokens != args.text_len:
+        raise ValueError(f"cached caption embeddings in {args.text_emb_dir} have {tokens} tokens but --text-len is "
+                         f"{args.text_len}: pass --text-len {tokens} or re-run encode-text with --text-len "
+                         f"{args.text_len}")
+    return dim
 
 
 def build_repa_encoders(args, resolution, device):
@@ -131,7 +142,10 @@ def build_model(args, latent_shape, text_dim, z_dims):
     channels, height, width = latent_shape
     if height != width:
         raise ValueError(f"latents must be square, got {height}x{width}")
-    conditioning = dict(text_dim=text_dim) if text_dim is not None else dict(num_classes=args.num_classes)
+    if text_dim is not None:
+        conditioning = dict(text_dim=text_dim, text_len=args.text_len)
+    else:
+        conditioning = dict(num_classes=args.num_classes)
     return SiT_models[args.model](
         input_size=height, in_channels=channels, z_dims=z_dims, projector_dim=args.projector_dim,
         cfg_prob=args.cfg_prob, qk_norm=args.qk_norm, sprint_drop_ratio=args.sprint_drop_ratio,
@@ -286,7 +300,7 @@ class SampleWriter:
 
 def _load_text_encoder_for_samples(args, device):
     from models.text_encoder import TextEncoder
-    return TextEncoder.load(args.clip_model_id, device=device)
+    return TextEncoder.load(args.clip_model_id, device=device, max_length=args.text_len)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -315,7 +329,7 @@ def main(args):
     text_encoder = build_text_encoder(args, device)
     encoders = build_repa_encoders(args, resolution, device)
     if args.use_json_dataset:
-        text_dim = text_encoder.dim if text_encoder is not None else dataset[0][2].shape[-1]
+        text_dim = text_encoder.dim if text_encoder is not None else cached_text_dim(dataset, args)
     else:
         text_dim = None
     model = build_model(args, tuple(latent.shape), text_dim, [e.z_dim for e in encoders])

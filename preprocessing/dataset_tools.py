@@ -311,8 +311,8 @@ def _safe_id(key: str) -> str:
 
 
 def encode_text(data_dir, text_encoder: str, label_file=None, dest=None, batch_size: int = 256, device=None,
-                caption_key: str = "en") -> dict:
-    """Cache caption embeddings (77, dim) float16 as <dest>/<id>.npy (dest defaults to data_dir/text-emb)."""
+                caption_key: str = "en", text_len: int = 77) -> dict:
+    """Cache caption embeddings (text_len, dim) float16 as <dest>/<id>.npy (dest defaults to data_dir/text-emb)."""
     label_file = label_file or os.path.join(data_dir, "labels.json")
     dest = dest or os.path.join(data_dir, "text-emb")
     captions = read_labels(label_file, caption_key)
@@ -322,7 +322,7 @@ def encode_text(data_dir, text_encoder: str, label_file=None, dest=None, batch_s
     if todo:
         from models.text_encoder import TextEncoder
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        encoder = TextEncoder.load(text_encoder, device=device)
+        encoder = TextEncoder.load(text_encoder, device=device, max_length=text_len)
         for start in tqdm(range(0, len(todo), batch_size), desc="encode-text"):
             keys = todo[start:start + batch_size]
             with torch.no_grad():
@@ -380,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", help="torch device (default: cuda if available)")
     p.add_argument("--caption-key", default="en", help="caption field of labels.json entries")
+    p.add_argument("--text-len", type=int, default=77, help="caption tokens (train.py --text-len must match)")
     return parser
 
 
@@ -409,7 +410,7 @@ def run_command(args) -> None:
               f"{len(result['failed'])} failed")
     else:
         result = encode_text(args.data_dir, args.text_encoder, args.label_file, args.dest, args.batch_size,
-                             args.device, args.caption_key)
+                             args.device, args.caption_key, args.text_len)
         print(f"encode-text: {result['encoded']} encoded, {result['skipped_existing']} already there")
 
 

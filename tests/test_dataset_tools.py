@@ -176,11 +176,13 @@ def test_encode_text_caches_embeddings_and_skips_existing(tmp_path, monkeypatch)
         def load(cls, model_id_or_path, device="cpu", max_length=77):
             calls["load"] += 1
             assert model_id_or_path == "fake-clip" and str(device) == "cpu"
-            return cls()
+            encoder = cls()
+            encoder.max_length = max_length
+            return encoder
 
         def __call__(self, captions):
             calls["captions"] += len(captions)
-            return torch.stack([torch.full((77, self.dim), float(len(c))) for c in captions])
+            return torch.stack([torch.full((self.max_length, self.dim), float(len(c))) for c in captions])
 
     monkeypatch.setitem(sys.modules, "models.text_encoder", types.SimpleNamespace(TextEncoder=FakeTextEncoder))
     data = tmp_path / "data"
@@ -189,14 +191,14 @@ def test_encode_text_caches_embeddings_and_skips_existing(tmp_path, monkeypatch)
     captions = {n[:-4]: "x" * (i + 1) for i, n in enumerate(names)}
     (data / "labels.json").write_text(json.dumps([{"id": k, "en": v} for k, v in captions.items()]))
     args = ["encode-text", "--data-dir", str(data), "--text-encoder", "fake-clip", "--batch-size", "3",
-            "--device", "cpu"]
+            "--device", "cpu", "--text-len", "20"]
     assert main(args) == 0 and calls == {"load": 1, "captions": 4}
     key = names[2][:-4]
     stored = np.load(data / "text-emb" / f"{key}.npy")
-    assert stored.dtype == np.float16 and stored.shape == (77, 8) and stored[0, 0] == len(captions[key])
+    assert stored.dtype == np.float16 and stored.shape == (20, 8) and stored[0, 0] == len(captions[key])
     os.remove(data / "text-emb" / f"{key}.npy")
     assert main(args) == 0 and calls == {"load": 2, "captions": 5}
     assert main(args) == 0 and calls == {"load": 2, "captions": 5}  # nothing left: the encoder is not even loaded
     ds = JsonLabelDataset(data, text_emb_dir=data / "text-emb")
     _, _, embedding = ds[ds.ids.index(key)]
-    assert embedding.shape == (77, 8) and embedding[0, 0].item() == len(captions[key])
+    assert embedding.shape == (20, 8) and embedding[0, 0].item() == len(captions[key])

@@ -8,6 +8,7 @@ from argparse import Namespace
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train
@@ -35,7 +36,8 @@ def weights(checkpoint):
 
 def test_tiny_training_writes_checkpoints_logs_and_samples(text_dataset, minilm, tmp_path, fresh_accelerate_state):
     run_training(train_argv(text_dataset, tmp_path, minilm, "--max-train-steps", "4", "--checkpointing-steps", "2",
-                            "--keep-last", "1", "--sample-every", "4", "--num-samples", "4", "--sample-steps", "3"))
+                            "--keep-last", "1", "--sample-every", "4", "--num-samples", "4", "--sample-steps", "3",
+                            "--text-len", "16"))
     exp = tmp_path / "run"
     assert sorted(p.name for p in (exp / "checkpoints").iterdir()) == ["0000004"]
     records = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
@@ -47,6 +49,8 @@ def test_tiny_training_writes_checkpoints_logs_and_samples(text_dataset, minilm,
     model, ema = weights(exp / "checkpoints" / "0000004")
     assert any(not torch.equal(model[k], ema[k]) for k in model)
     assert "REPA is off" in (exp / "log.txt").read_text()
+    config = json.loads(safe_open(str(exp / "checkpoints" / "0000004" / "ema.safetensors"), "pt").metadata()["config"])
+    assert config["text_len"] == 16 and config["text_dim"] == 384
 
 
 def test_resume_gives_the_same_weights_as_one_run(text_dataset, minilm, tmp_path, fresh_accelerate_state):
@@ -137,6 +141,18 @@ def test_two_process_cpu_run(text_dataset, minilm, tmp_path):
         "args.json", "ema.safetensors", "model.safetensors", "rng_state_0.pt", "rng_state_1.pt", "training_state.pt"]
     records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(records) == 2
+
+
+def test_cached_caption_embeddings_must_match_text_len(text_dataset, minilm, tmp_path, fresh_accelerate_state):
+    from preprocessing.dataset_tools import encode_text
+
+    encode_text(text_dataset, minilm, dest=tmp_path / "text-emb", device="cpu", text_len=20)
+    with pytest.raises(ValueError, match="20 tokens but --text-len is 77"):
+        run_training(train_argv(text_dataset, tmp_path, minilm, "--text-emb-dir", str(tmp_path / "text-emb"),
+                                "--max-train-steps", "1"))
+    run_training(train_argv(text_dataset, tmp_path, minilm, "--text-emb-dir", str(tmp_path / "text-emb"),
+                            "--text-len", "20", "--max-train-steps", "1", "--checkpointing-steps", "1"))
+    assert (tmp_path / "run" / "checkpoints" / "0000001" / "ema.safetensors").exists()
 
 
 def test_init_from_original_checkpoint(text_dataset, minilm, tmp_path, fresh_accelerate_state):
