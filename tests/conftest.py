@@ -27,12 +27,14 @@ def fixture_path(name: str) -> Path:
 
 
 def make_text_dataset(root, num=32, resolution=32, seed=0, holdout=()):
-    """The demo shapes dataset at a tiny size, encoded with the weight-free pixel tokenizer."""
+    """The demo shapes dataset at a tiny size, encoded with the weight-free pixel tokenizer, with latent statistics."""
     from demo.shapes import make_dataset
+    from json_label_dataset import JsonLabelDataset
     from preprocessing.dataset_tools import encode
 
     make_dataset(root, num, resolution=resolution, seed=seed, holdout=holdout, num_prompts=8)
     encode(Path(root) / "images", Path(root) / "vae-in", "pixel", gpus=0, batch_size=64, workers=0)
+    JsonLabelDataset(root)
     return Path(root)
 
 
