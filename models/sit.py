@@ -268,7 +268,8 @@ class SiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
     def _rope_tables(self, image_ids=None):
-        """Cos/sin tables over [caption | image] tokens: identity on captions, 2D RoPE on the (selected) image tokens."""
+        """Cos/sin tables over [caption | image] tokens: identity on captions, 2D RoPE on the (selected) image
+        tokens."""
         cos, sin = self.rope_cos, self.rope_sin
         if image_ids is not None:
             cos, sin = cos[image_ids].unsqueeze(1), sin[image_ids].unsqueeze(1)
@@ -369,6 +370,7 @@ class SiT(nn.Module):
 
 
 SIZES = {
+    "T": dict(depth=6, hidden_size=256, num_heads=4),  # tiny: the CPU demo and tests
     "S": dict(depth=12, hidden_size=384, num_heads=6),
     "B": dict(depth=12, hidden_size=768, num_heads=12),
     "L": dict(depth=24, hidden_size=1024, num_heads=16),
