@@ -5,6 +5,7 @@ import math
 import os
 import random
 import shutil
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ from PIL import Image, ImageDraw, ImageFont
 # ------------------------------------------------------------------------------------------------------------------
 
 def parse_with_config(parser, argv=None):
-    """Parse argv; `--config FILE.yaml` supplies defaults (keys are flag names, dashes or underscores) that flags override."""
+    """Parse argv; `--config FILE.yaml` supplies defaults (keys are flag names, dashes or underscores) that flags
+    override."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     config_path = pre.parse_known_args(argv)[0].config
@@ -155,9 +157,12 @@ def commit_directory(tmp_dir, final_dir):
 # Images
 # ------------------------------------------------------------------------------------------------------------------
 
-def image_grid(images, captions=None, ncols=None, caption_lines=3):
-    """Tile uint8 images (N, H, W, 3) into one PIL image, with each caption written under its tile when given."""
+def image_grid(images, captions=None, ncols=None, caption_lines=3, min_tile=128):
+    """Tile uint8 images (N, H, W, 3) into one PIL image, with each caption written under its tile when given.
+    Tiles smaller than `min_tile` pixels are enlarged by a whole factor (nearest neighbour) to stay legible."""
     images = np.asarray(images)
+    scale = max(1, math.ceil(min_tile / max(images.shape[1:3])))
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, _ = images.shape
     ncols = ncols or math.ceil(math.sqrt(n))
     nrows = math.ceil(n / ncols)
@@ -171,7 +176,6 @@ def image_grid(images, captions=None, ncols=None, caption_lines=3):
         x, y = col * w, row * (h + text_h)
         grid.paste(Image.fromarray(images[i]), (x, y))
         if captions is not None:
-            text = str(captions[i])
-            lines = [text[j:j + chars_per_line] for j in range(0, len(text), chars_per_line)][:caption_lines]
+            lines = textwrap.wrap(str(captions[i]), chars_per_line)[:caption_lines]
             draw.multiline_text((x + 2, y + h + 2), "\n".join(lines), fill="black", font=font, spacing=1)
     return grid
