@@ -490,7 +490,8 @@ def log_metrics(accelerator, exp_dir, record):
     if not accelerator.is_main_process:
         return
     tqdm.write("step {step}: loss {loss:.4f} (denoise {loss_denoise:.4f}, proj {loss_proj:.4f}, cfm {loss_cfm:.4f}) "
-               "lr {lr:.2e} grad_norm {grad_norm:.3f} {step_time:.3f}s/step {images_per_sec:.1f} img/s".format(**record))
+               "lr {lr:.2e} grad_norm {grad_norm:.3f} {step_time:.3f}s/step {images_per_sec:.1f} img/s"
+               .format(**record))
     with open(exp_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
