@@ -75,7 +75,8 @@ def training_setup(compile_mode, checkpointing=False):
     return accelerator, model, ema, optimizer, scheduler, loss_fn
 
 
-def sit_step_bench(batch, compile_mode, checkpointing=False, warmup=5, iters=20):
+def sit_training_step(batch, compile_mode, checkpointing=False):
+    """A closure running one SiT-only training step (REPA features and caption embeddings given)."""
     accelerator, model, ema, optimizer, scheduler, loss_fn = training_setup(compile_mode, checkpointing)
     latents = torch.randn(batch, *LATENT, device="cuda")
     y = torch.randn(batch, *TEXT, device="cuda")
@@ -84,7 +85,11 @@ def sit_step_bench(batch, compile_mode, checkpointing=False, warmup=5, iters=20)
     def step():
         forward_backward(accelerator, model, loss_fn, latents, y, zs, RECIPE)
         optimizer_step(accelerator, model, ema, optimizer, scheduler, RECIPE)
+    return step
 
+
+def sit_step_bench(batch, compile_mode, checkpointing=False, warmup=5, iters=20):
+    step = sit_training_step(batch, compile_mode, checkpointing)
     torch.cuda.reset_peak_memory_stats()
     seconds = timed(step, warmup + (10 if compile_mode else 0), iters)
     return dict(img_s=batch / seconds, step_ms=seconds * 1e3, peak_gb=torch.cuda.max_memory_allocated() / 1e9)
@@ -145,15 +150,7 @@ def profile_step(batch, top=15):
     """Top CUDA kernels of a compiled training step (SiT only), as a table and as (name, share) rows."""
     from torch.profiler import ProfilerActivity, profile
 
-    accelerator, model, ema, optimizer, scheduler, loss_fn = training_setup("model")
-    latents = torch.randn(batch, *LATENT, device="cuda")
-    y = torch.randn(batch, *TEXT, device="cuda")
-    zs = [torch.randn(batch, 256, 768, device="cuda")]
-
-    def step():
-        forward_backward(accelerator, model, loss_fn, latents, y, zs, RECIPE)
-        optimizer_step(accelerator, model, ema, optimizer, scheduler, RECIPE)
-
+    step = sit_training_step(batch, "model")
     timed(step, 12, 1)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
