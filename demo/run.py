@@ -15,6 +15,7 @@ import collections
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -206,7 +207,6 @@ def prepare_workdir(work):
             raise StageError(f"{work} is not empty and holds no previous demo run; choose another --workdir")
         for name in ("data", "exps", "samples", "logs"):
             if (work / name).exists():
-                import shutil
                 shutil.rmtree(work / name)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     (work / MARKER).touch()
