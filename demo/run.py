@@ -1,7 +1,7 @@
 """The built-in demo: shapes dataset -> pixel latents -> train a small text-to-image SiT -> sample -> score.
 
     python -m demo.run --preset cpu      # under 10 minutes on 2 CPU cores
-    python -m demo.run --preset gpu      # a few minutes on one H100
+    python -m demo.run --preset gpu      # about 9 minutes on one H100
     python -m demo.run --preset tiny     # the whole pipeline in under a minute (CI)
 
 Every stage runs the project's own command line tools as a user would (demo.shapes, preprocessing/dataset_tools.py,
