@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -138,7 +139,8 @@ def output_name(args):
 # ------------------------------------------------------------------------------------------------------------------
 
 def main(args):
-    state = PartialState()
+    # Without cpu=True, accelerate leaves CPU-only processes started by torchrun undistributed: each would sample all.
+    state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = state.device
     model, train_args = load_checkpoint_for_sampling(args.ckpt, use_ema=not args.no_ema, device=device)
     conditions, total = conditions_for(args, model)
@@ -158,6 +160,8 @@ def main(args):
     if state.is_main_process:
         image_dir.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
+    if state.is_main_process:
+        print(f"sampling {total} images on {state.num_processes} process(es) into {image_dir}")
     mine = [i for i in range(state.process_index, total, state.num_processes)
             if not (image_dir / f"{i:06d}.png").exists()]
     cfg = model.config

@@ -409,7 +409,7 @@ def load_model(path, device="cpu"):
     if "config" not in metadata:
         raise ValueError(f"{path} has no model config in its metadata; was it written by models.sit.save_model?")
     model = build_model(json.loads(metadata["config"]))
-    model.load_state_dict(load_file(str(path), device=str(device)))
+    model.load_state_dict(load_file(str(path)))
     return model.to(device).eval()
 
 

@@ -109,6 +109,7 @@ def test_two_processes_write_the_same_samples_as_one(checkpoint, text_dataset, t
                "generate.py", *generate_argv(checkpoint, prompts, tmp_path, "two")]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "on 2 process(es)" in result.stdout
     one, two = pngs(tmp_path / "one"), pngs(tmp_path / "two")
     assert one.keys() == two.keys()
     for name in one:
