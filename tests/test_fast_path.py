@@ -1,9 +1,11 @@
 """The fast training path computes the same function as plain float32 eager: bf16 autocast and train.py's
 torch.compile, checked on CPU with a tiny SiT (benchmarks/bench_gpu.py runs the same check at full size on a GPU)."""
 import copy
+import warnings
 
 import torch
 
+from models.sit import RMSNorm
 from test_sit import inputs, tiny_text_sit
 from train import compile_for_training
 
@@ -41,6 +43,21 @@ def test_bf16_autocast_matches_float32():
     assert v16.dtype == torch.bfloat16  # autocast really ran the blocks in bf16
     assert 0 < relative_error(v16, v32) < BF16_TOLERANCE
     assert 0 < relative_error(g16, g32) < BF16_TOLERANCE
+
+
+def test_rmsnorm_runs_in_the_activation_dtype():
+    norm = RMSNorm(64, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    reference = torch.nn.RMSNorm(64, eps=1e-6)
+    reference.load_state_dict(norm.state_dict())
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = norm(x)
+    assert out.dtype == torch.bfloat16
+    assert not [w for w in caught if "Mismatch dtype" in str(w.message)]  # took the fused kernel
+    assert 0 < relative_error(out, reference(x.float())) < BF16_TOLERANCE
+    torch.testing.assert_close(norm(x.float()), reference(x.float()), rtol=0, atol=0)
 
 
 def test_compiled_training_model_matches_eager():
