@@ -106,12 +106,17 @@ def test_two_processes_write_the_same_samples_as_one(checkpoint, text_dataset, t
     run_generate(generate_argv(checkpoint, prompts, tmp_path, "one"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-               "generate.py", *generate_argv(checkpoint, prompts, tmp_path, "two")]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+               "tests/rank_probe.py", "generate", *generate_argv(checkpoint, prompts, tmp_path, "two")]
+    probe = tmp_path / "probe"
+    result = subprocess.run(command, cwd=REPO_ROOT, env={**env, "PROBE_DIR": str(probe)}, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "on 2 process(es)" in result.stdout
     one, two = pngs(tmp_path / "one"), pngs(tmp_path / "two")
     assert one.keys() == two.keys()
+    written = [set((probe / f"rank{r}_images.txt").read_text().split()) for r in (0, 1)]
+    assert written[0] and written[1] and not written[0] & written[1]  # the processes shared the work
+    assert written[0] | written[1] == set(two)
     for name in one:
         assert np.abs(one[name].astype(int) - two[name].astype(int)).max() <= 1
     with np.load(tmp_path / "two.npz") as f:
@@ -119,16 +124,24 @@ def test_two_processes_write_the_same_samples_as_one(checkpoint, text_dataset, t
 
 
 def test_original_pt_checkpoint_with_explicit_decoding_flags(text_dataset, minilm, tmp_path):
-    model = small_random(SiT_models["SiT-S/4"](input_size=8, in_channels=48, text_dim=384, z_dims=[]))
-    path = tmp_path / "0005000.pt"
-    torch.save({"model": to_reference_layout(model), "ema": to_reference_layout(model),
-                "args": Namespace(model="SiT-S/4", projector_dim=2048)}, path)
+    def reference_model(seed):
+        model = SiT_models["SiT-S/4"](input_size=8, in_channels=48, text_dim=384, z_dims=[])
+        return to_reference_layout(small_random(model, seed=seed))
+
+    raw, ema = reference_model(0), reference_model(1)
+    args = Namespace(model="SiT-S/4", projector_dim=2048)
+    torch.save({"model": raw, "ema": ema, "args": args}, tmp_path / "0005000.pt")
+    torch.save({"model": ema, "ema": ema, "args": args}, tmp_path / "ema_only.pt")
     (tmp_path / "prompts.txt").write_text("a red circle on the left\na small blue square at the top\n")
-    run_generate(generate_argv(path, tmp_path / "prompts.txt", tmp_path, "pt", "--tokenizer", "pixel",
-                               "--latent-stats", str(text_dataset / "vae-in" / "latents_stats.pt"),
-                               "--text-encoder", minilm))
-    with np.load(tmp_path / "pt.npz") as f:
+    decoding = ["--tokenizer", "pixel", "--latent-stats", str(text_dataset / "vae-in" / "latents_stats.pt"),
+                "--text-encoder", minilm]
+    for ckpt, name, extra in (("0005000.pt", "pt", []), ("0005000.pt", "raw", ["--no-ema"]),
+                              ("ema_only.pt", "ema", [])):
+        run_generate(generate_argv(tmp_path / ckpt, tmp_path / "prompts.txt", tmp_path, name, *decoding, *extra))
+    with np.load(tmp_path / "pt.npz") as f, np.load(tmp_path / "raw.npz") as r, np.load(tmp_path / "ema.npz") as e:
         assert f["arr_0"].shape == (2, 32, 32, 3)
+        np.testing.assert_array_equal(f["arr_0"], e["arr_0"])  # the EMA weights by default
+        assert not np.array_equal(f["arr_0"], r["arr_0"])  # --no-ema takes the raw ones
 
 
 def test_class_model_balanced_labels(text_dataset, tmp_path):

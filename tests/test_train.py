@@ -60,8 +60,12 @@ def test_resume_gives_the_same_weights_as_one_run(text_dataset, minilm, tmp_path
                             "--checkpointing-steps", "3"))
     run_training(train_argv(text_dataset, tmp_path / "twice", minilm, "--max-train-steps", "6",
                             "--checkpointing-steps", "3", "--resume", "latest"))
+    twice_dir = tmp_path / "twice" / "run"
+    assert f"resumed from {twice_dir / 'checkpoints' / '0000003'} at step 3" in (twice_dir / "log.txt").read_text()
+    records = [json.loads(line) for line in (twice_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # the second run went on from step 4
     once = weights(tmp_path / "once" / "run" / "checkpoints" / "0000006")
-    twice = weights(tmp_path / "twice" / "run" / "checkpoints" / "0000006")
+    twice = weights(twice_dir / "checkpoints" / "0000006")
     for a, b in zip(once, twice):
         assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
@@ -130,15 +134,20 @@ def test_interrupt_writes_a_checkpoint(text_dataset, minilm, tmp_path):
 
 
 def test_two_process_cpu_run(text_dataset, minilm, tmp_path):
+    probe = tmp_path / "probe"
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "tests/rank_probe.py", "train",
             *train_argv(text_dataset, tmp_path, minilm, "--max-train-steps", "2", "--checkpointing-steps", "2")]
     result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PROBE_DIR": str(probe)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     checkpoint = tmp_path / "run" / "checkpoints" / "0000002"
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "args.json", "ema.safetensors", "model.safetensors", "rng_state_0.pt", "rng_state_1.pt", "training_state.pt"]
+    # Each process saw different data and noise, so only gradient averaging keeps their weights identical.
+    rank0, rank1 = (torch.load(probe / f"rank{r}_step2.pt", weights_only=True) for r in (0, 1))
+    saved = load_file(str(checkpoint / "model.safetensors"))
+    assert all(torch.equal(rank0[k], rank1[k]) and torch.equal(rank0[k], saved[k]) for k in saved)
     records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(records) == 2
 
