@@ -140,11 +140,13 @@ def test_missing_vavae_checkpoint_is_a_clean_cli_error(tmp_path, capsys):
     assert not (tmp_path / "vae-in").exists()
 
 
-def test_encode_round_robin_processes(tmp_path):
+def test_encode_round_robin_processes(tmp_path, capfd):
     images, dest = tmp_path / "images", tmp_path / "vae-in"
     names = make_images(images, n=5)
     run_shards(2, "cpu", "pixel", None, ImageSource(images), str(dest), names, 2, np.dtype("float32"), 0)
     assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*.npy")) == [n[:-4] + ".npy" for n in names]
+    progress = capfd.readouterr().err  # one bar per spawned process: 3 images on rank 0, 2 on rank 1
+    assert "3/3" in progress and "2/2" in progress and "5/5" not in progress
 
 
 def test_encode_vavae_config_then_training_dataset(tmp_path):

@@ -4,6 +4,7 @@ import copy
 import warnings
 
 import torch
+from torch._dynamo.utils import counters
 
 from models.sit import RMSNorm
 from test_sit import inputs, tiny_text_sit
@@ -66,7 +67,9 @@ def test_compiled_training_model_matches_eager():
     compile_for_training(compiled, [])
     x, t, y = inputs(eager, batch=4)
     v_eager, g_eager = velocity_and_gradients(eager, x, t, y, bf16=False)
+    counters.clear()
     v_compiled, g_compiled = velocity_and_gradients(compiled, x, t, y, bf16=False)
+    assert counters["stats"]["unique_graphs"] > 0  # Dynamo really captured the model
     assert relative_error(v_compiled, v_eager) < 1e-5
     assert relative_error(g_compiled, g_eager) < 1e-5
     v_fast, g_fast = velocity_and_gradients(compiled, x, t, y, bf16=True)

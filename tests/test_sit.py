@@ -4,7 +4,9 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint
 
+import models.sit
 from conftest import fixture_path
 from models.pos_embed import rope_2d_tables, sincos_2d
 from models.sit import SiT, SiT_models, from_reference, load_model, save_model
@@ -204,7 +206,14 @@ def test_sparse_path_gradients_reach_all_parameters():
     assert missing == []
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
+    checkpointed = []
+
+    def counting_checkpoint(function, *args, **kwargs):
+        checkpointed.append(function)
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(models.sit, "checkpoint", counting_checkpoint)
     grads = []
     for flag in (False, True):
         model = tiny_text_sit(cfg_prob=0.0, path_drop_prob=0.0).train()
@@ -213,6 +222,7 @@ def test_gradient_checkpointing_gives_same_gradients():
         out, zs = model(x, t, y)
         (out.square().mean() + zs[0].square().mean()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        assert len(checkpointed) == (len(model.blocks) if flag else 0)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
