@@ -7,6 +7,7 @@ on the number of processes.
 """
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -231,8 +232,9 @@ def condition_batch(conditions, model, text_encoder, device):
 
 
 def write_png(image, path):
-    """Write a PNG atomically so that an interrupted run never leaves a truncated file behind."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write a PNG atomically so that an interrupted run never leaves a truncated file behind (the temporary name
+    carries the process id: runs sharing a folder never rename each other's file)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     Image.fromarray(image).save(tmp, format="PNG")
     tmp.replace(path)
 
