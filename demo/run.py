@@ -35,16 +35,16 @@ EXP_NAME = "shapes"
 PRESETS = {
     "cpu": dict(num_images=4000, resolution=32, patch=4, model="SiT-T/2", text_len=16, steps=700, batch_size=32,
                 learning_rate=1e-3, warmup_steps=50, ema_decay=0.99, shift_base=1024, mixed_precision="no",
-                num_workers=0,
-                log_every=50, num_prompts=32, images_per_prompt=2, mode="ode", sample_steps=20, cfg_scale=4.0),
+                num_workers=0, log_every=50, num_prompts=32, images_per_prompt=2, mode="ode", sample_steps=20,
+                cfg_scale=4.0),
     "gpu": dict(num_images=20000, resolution=64, patch=4, model="SiT-B/2", text_len=16, steps=4000, batch_size=256,
                 learning_rate=2e-4, warmup_steps=200, ema_decay=0.999, shift_base=1024, mixed_precision="bf16",
-                num_workers=8,
-                log_every=200, num_prompts=64, images_per_prompt=4, mode="sde", sample_steps=50, cfg_scale=4.0),
+                num_workers=8, log_every=200, num_prompts=64, images_per_prompt=4, mode="sde", sample_steps=50,
+                cfg_scale=4.0),
     "tiny": dict(num_images=32, resolution=32, patch=4, model="SiT-T/2", text_len=16, steps=2, batch_size=8,
                  learning_rate=3e-4, warmup_steps=0, ema_decay=0.9, shift_base=1024, mixed_precision="no",
-                 num_workers=0,
-                 log_every=1, num_prompts=4, images_per_prompt=1, mode="ode", sample_steps=2, cfg_scale=4.0),
+                 num_workers=0, log_every=1, num_prompts=4, images_per_prompt=1, mode="ode", sample_steps=2,
+                 cfg_scale=4.0),
 }
 
 
@@ -172,16 +172,15 @@ def train(s, work):
 
 def sample(s, work, ckpt):
     """Sample the held-out and the seen prompts with generate.py; returns {group: (npz, prompts file, grid)}."""
-    outputs = {}
+    outputs, samples = {}, work / "samples"
     for group, prompts in (("held_out", "holdout_prompts.txt"), ("seen", "seen_prompts.txt")):
-        run_tool(python_tool("generate.py", "--ckpt", ckpt, "--sample-dir", work / "samples", "--name", group,
+        run_tool(python_tool("generate.py", "--ckpt", ckpt, "--sample-dir", samples, "--name", group,
                              "--prompts-file", work / "data" / prompts,
                              "--num-images-per-prompt", s["images_per_prompt"], "--mode", s["mode"],
                              "--num-steps", s["sample_steps"], "--cfg-scale", s["cfg_scale"],
                              "--global-seed", s["seed"],
                              "--mixed-precision", "bf16" if s["mixed_precision"] == "bf16" else "no"),
                  work / "logs" / f"sample_{group}.log")
-        samples = work / "samples"
         outputs[group] = (samples / f"{group}.npz", work / "data" / prompts, samples / f"{group}_grid.png")
     return outputs
 
