@@ -13,16 +13,13 @@ blocks are dense again. Path drop replaces the whole sparse-path output by the m
 REPA (Yu et al. 2024): one projector MLP per target encoder maps the image tokens after the dense encoder to the
 encoder's feature width.
 """
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from torch.utils.checkpoint import checkpoint
-
+from models import ARCHITECTURES, BACKBONES
+from models.backbone import Backbone
 from models.pos_embed import apply_rope, rope_2d_tables, sincos_2d
 
 DENSE_IN = 2
@@ -168,11 +165,16 @@ def build_projector(hidden_size, projector_dim, z_dim):
     )
 
 
-class SiT(nn.Module):
-    """The OmegaDiT denoiser: `model(x, t, y, uncond=False) -> (velocity, projector_outputs)`.
+@ARCHITECTURES.register("sit")
+class SiT(Backbone):
+    """The OmegaDiT denoiser: `model(x, t, y, uncond=False) -> (velocity, {"repa": projector outputs})`.
 
     Exactly one of `text_dim` (caption tokens of that width, `text_len` of them) and `num_classes` must be set.
+    Caption/label dropout for guidance is the conditioner's job (omegadit/conditioners.py); the null condition
+    lives here, with the weights.
     """
+
+    architecture = "sit"
 
     def __init__(
         self,
@@ -186,7 +188,6 @@ class SiT(nn.Module):
         text_dim=None,
         text_len=77,
         num_classes=None,
-        cfg_prob=0.1,
         z_dims=(768,),
         projector_dim=2048,
         qk_norm=False,
@@ -205,7 +206,7 @@ class SiT(nn.Module):
         self.config = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, text_dim=text_dim, text_len=text_len,
-            num_classes=num_classes, cfg_prob=cfg_prob, z_dims=list(z_dims), projector_dim=projector_dim,
+            num_classes=num_classes, z_dims=list(z_dims), projector_dim=projector_dim,
             qk_norm=qk_norm, sprint_drop_ratio=sprint_drop_ratio, path_drop_prob=path_drop_prob,
         )
         self.in_channels = in_channels
@@ -213,11 +214,9 @@ class SiT(nn.Module):
         self.grid_size = input_size // patch_size
         self.num_patches = self.grid_size**2
         self.text_len = text_len if text_dim is not None else 0
-        self.cfg_prob = cfg_prob
         self.sprint_drop_ratio = sprint_drop_ratio
         self.path_drop_prob = path_drop_prob
         self.z_dims = list(z_dims)
-        self.gradient_checkpointing = False
         self.path_drop_generator = torch.Generator().manual_seed(0)
 
         self.x_embedder = nn.Module()
@@ -239,9 +238,28 @@ class SiT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.initialize_weights()
 
+    @classmethod
+    def from_config(cls, config):
+        """Rebuild from a recorded config; checkpoints written before the conditioners existed carry a cfg_prob
+        (caption dropout), which is now the conditioner's and ignored here."""
+        return cls(**{k: v for k, v in config.items() if k != "cfg_prob"})
+
     @property
     def is_text_conditioned(self):
         return isinstance(self.y_embedder, CaptionEmbedder)
+
+    @property
+    def conditioning(self):
+        return "text" if self.is_text_conditioned else "class"
+
+    def seed_training_rng(self, seed):
+        self.path_drop_generator.manual_seed(seed)
+
+    def training_rng_state(self):
+        return {"path_drop_generator": self.path_drop_generator.get_state()}
+
+    def load_training_rng_state(self, state):
+        self.path_drop_generator.set_state(state["path_drop_generator"])
 
     def initialize_weights(self):
         """DiT initialisation: xavier linears, zeroed adaLN and output layers."""
@@ -289,17 +307,10 @@ class SiT(nn.Module):
         return cos, sin
 
     def _run_block(self, block, x, c, rope):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, c, *rope, use_reentrant=False)
-        return block(x, c, *rope)
+        return self.run_block(block, x, c, *rope)
 
     def _embed_condition(self, y, t_emb):
-        """Returns (caption tokens or None, conditioning vector c), applying caption/label dropout in training."""
-        batch = t_emb.shape[0]
-        if self.training and self.cfg_prob > 0:
-            drop = torch.rand(batch, device=t_emb.device) < self.cfg_prob
-            null = self.null_condition(batch, t_emb.device)
-            y = torch.where(drop.view(-1, *[1] * (y.dim() - 1)), null, y)
+        """Returns (caption tokens or None, conditioning vector c)."""
         if self.is_text_conditioned:
             return self.y_embedder(y.to(t_emb.dtype)), t_emb
         return None, t_emb + self.y_embedder(y)
@@ -322,7 +333,7 @@ class SiT(nn.Module):
         """x (N, C, H, W) noisy latents, t (N,) times in [0, 1], y captions (N, text_len, text_dim) or labels (N,).
 
         uncond: True (or a per-sample (N,) bool tensor) replaces the sparse path by the mask token (path drop).
-        Returns (velocity (N, C, H, W), [projector output (N, image tokens, z_dim) for each z_dim]).
+        Returns (velocity (N, C, H, W), {"repa": [projector output (N, image tokens, z_dim) for each z_dim]}).
         """
         x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
         batch, num_image, dim = x.shape
@@ -354,7 +365,7 @@ class SiT(nn.Module):
         for block in self.blocks[len(self.blocks) - DENSE_OUT:]:
             x = self._run_block(block, x, c, rope_full)
         out = self.final_layer(x[:, self.text_len:], c)
-        return self.unpatchify(out), zs
+        return self.unpatchify(out), {"repa": zs}
 
     def _sparse_path(self, dense, c):
         """Middle blocks on the caption tokens and (in training) a random subset of image tokens, padded back."""
@@ -395,30 +406,8 @@ def _constructor(size, patch_size):
 
 
 SiT_models = {f"SiT-{size}/{p}": _constructor(size, p) for size in SIZES for p in (1, 2, 4)}
-
-
-def build_model(config):
-    """Rebuild a SiT from its `model.config` dict."""
-    return SiT(**config)
-
-
-def save_model(model, path, state_dict=None):
-    """Write weights (`state_dict` or the model's) as safetensors with the model config in the file's metadata."""
-    tensors = {k: v.detach().contiguous() for k, v in (state_dict or model.state_dict()).items()}
-    save_file(tensors, str(path), metadata={"config": json.dumps(model.config)})
-
-
-def load_model(path, device="cpu"):
-    """Rebuild a SiT from a file written by `save_model` (weights and config), in eval mode."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
-    if "config" not in metadata:
-        raise ValueError(f"{path} has no model config in its metadata; was it written by models.sit.save_model?")
-    model = build_model(json.loads(metadata["config"]))
-    model.load_state_dict(load_file(str(path)))
-    return model.to(device).eval()
+for _name, _build in SiT_models.items():
+    BACKBONES.register(_name, _build)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from samplers import SAMPLERS, euler_maruyama_sampler, euler_sampler, heun_sampler, time_grid
+from samplers import FLOW_SAMPLERS as SAMPLERS, euler_maruyama_sampler, euler_sampler, heun_sampler, time_grid
 
 NUM_SAMPLES = 8192
 
