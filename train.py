@@ -1,10 +1,11 @@
-"""Train an OmegaDiT SiT on pre-encoded latents with accelerate: `accelerate launch train.py --help`."""
+"""Train a diffusion backbone on pre-encoded latents with accelerate: `accelerate launch train.py --help`.
+
+The loop knows only the interfaces: a backbone (models/), an objective and auxiliary losses
+(omegadit/objectives/, combined by loss.TrainingLoss), a conditioner (omegadit/conditioners.py) and the
+checkpoint module (omegadit/checkpoint.py, omegadit/run_state.py). ARCHITECTURE.md maps them.
+"""
 import argparse
 import json
-import math
-import os
-import re
-import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -14,20 +15,24 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from json_label_dataset import collate
-from loss import SILoss
-from models.sit import SiT_models, load_reference_checkpoint, save_model
-from utils import (ResumableBatchSampler, commit_directory, image_grid, lr_lambda, parse_with_config, rng_state,
-                   set_rng_state, update_ema, write_json)
+from loss import TrainingLoss
+from models import BACKBONES
+from omegadit import checkpoint
+from omegadit.conditioners import DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassConditioner, TextConditioner
+from omegadit.objectives import AUX_LOSSES, OBJECTIVES
+from omegadit.options import accepted_options, explicit_options
+from omegadit.run_state import find_resume_dir, load_checkpoint, save_checkpoint
+from utils import ResumableBatchSampler, lr_lambda, parse_with_config, update_ema, write_json
 
-CHECKPOINT_NAME = re.compile(r"^\d{7}$")
+BACKBONE_OPTIONS = ("qk_norm", "sprint_drop_ratio", "path_drop_prob", "projector_dim")
+OBJECTIVE_OPTIONS = ("path_type", "weighting", "time_shifting", "shift_base")
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", help="YAML file whose keys are flags of this script (flags given here override it)")
     g = p.add_argument_group("experiment")
@@ -40,9 +45,10 @@ def parse_args(argv=None):
     g.add_argument("--keep-last", type=int, default=0, help="keep only the newest K checkpoints (0: keep all)")
     g.add_argument("--resume", default=None, help="'latest' or a checkpoint directory to resume from")
     g.add_argument("--resume-step", type=int, default=0, help="resume from exps/<exp-name>/checkpoints/<step>")
-    g.add_argument("--init-from", default=None, help="initialise weights from a checkpoint of the original train.py")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="SiT-B/1", choices=sorted(SiT_models))
+    g.add_argument("--init-from", default=None,
+                   help="initialise the weights from a checkpoint (directory, .safetensors, original OmegaDiT .pt)")
+    g = p.add_argument_group("model (backbone options apply to the backbones that take them)")
+    g.add_argument("--model", default="SiT-B/1", choices=BACKBONES.names())
     g.add_argument("--num-classes", type=int, default=1000)
     g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--sprint-drop-ratio", type=float, default=0.0)
@@ -50,16 +56,16 @@ def parse_args(argv=None):
     g.add_argument("--projector-dim", type=int, default=2048)
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the transformer blocks (default: on with CUDA, off on CPU)")
+                   help="torch.compile the backbone and frozen encoders (default: on with CUDA, off on CPU)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", required=True)
     g.add_argument("--use-json-dataset", action="store_true", help="captions from labels.json (else class labels)")
     g.add_argument("--label-file", default=None, help="labels.json to use instead of <data-dir>/labels.json")
     g.add_argument("--text-emb-dir", default=None, help="cached caption embeddings (preprocessing encode-text)")
-    g.add_argument("--clip-model-id", default="AI-ModelScope/CLIP-GmP-ViT-L-14",
-                   help="text encoder: hub id, ModelScope id or local directory")
-    g.add_argument("--text-len", type=int, default=77, help="caption tokens per image (padded or truncated)")
-    g.add_argument("--tokenizer", default="vavae:tokenizer/configs/vavae_f16d32_vfdinov2.yaml",
+    g.add_argument("--text-encoder", "--clip-model-id", dest="text_encoder", default=DEFAULT_TEXT_ENCODER,
+                   help="text encoder: hub id, ModelScope id, local directory or 'minilm'")
+    g.add_argument("--text-len", type=int, default=DEFAULT_TEXT_LEN, help="caption tokens per image")
+    g.add_argument("--tokenizer", default=checkpoint.DEFAULT_AUTOENCODER,
                    help="image autoencoder of the latents, used to decode samples (pixel, vavae:CONFIG, diffusers id)")
     g.add_argument("--batch-size", type=int, default=8, help="global batch over all processes")
     g.add_argument("--num-workers", type=int, default=4)
@@ -77,27 +83,34 @@ def parse_args(argv=None):
     g.add_argument("--gradient-accumulation-steps", type=int, default=1)
     g.add_argument("--mixed-precision", default="fp16", choices=["no", "fp16", "bf16"])
     g.add_argument("--allow-tf32", action="store_true")
-    g = p.add_argument_group("objective")
+    g = p.add_argument_group("objective (options apply to the objectives that take them)")
+    g.add_argument("--objective", default=None, choices=OBJECTIVES.names(),
+                   help="default: the backbone's own (flow for SiT)")
     g.add_argument("--path-type", default="linear", choices=["linear", "cosine"])
-    g.add_argument("--prediction", default="v", choices=["v"])
     g.add_argument("--weighting", default="uniform", choices=["uniform", "lognormal"])
-    g.add_argument("--cfg-prob", type=float, default=0.1)
+    g.add_argument("--time-shifting", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--shift-base", type=int, default=4096)
+    g.add_argument("--cfg-prob", type=float, default=0.1, help="caption/label dropout for guidance")
     g.add_argument("--enc-type", default="dinov2-vit-b", help="REPA target encoders, comma separated, or 'none'")
     g.add_argument("--enc-weights", default=None, help="local weights file or folder for the REPA encoders")
     g.add_argument("--proj-coeff", type=float, default=0.5)
     g.add_argument("--cfm-coeff", type=float, default=0.05)
     g.add_argument("--cfm-weighting", default="uniform", choices=["uniform", "linear"])
-    g.add_argument("--time-shifting", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--shift-base", type=int, default=4096)
     g = p.add_argument_group("sampling during training")
     g.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N steps (0: never)")
-    g.add_argument("--sample-prompts", default=None, help="text file, one prompt per line (default: first captions)")
+    g.add_argument("--sample-prompts", default=None, help="prompts file (default: the first captions)")
     g.add_argument("--num-samples", type=int, default=16)
     g.add_argument("--sample-steps", type=int, default=50)
     g.add_argument("--cfg-scale", type=float, default=4.0)
-    args = parse_with_config(p, argv)
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parse_with_config(parser, argv)
     if args.enc_type.lower() == "none":
         args.enc_type = "none"
+    args.explicit = sorted(explicit_options(parser, args))
     return args
 
 
@@ -113,22 +126,22 @@ def build_dataset(args):
     return CustomDataset(args.data_dir)
 
 
-def build_text_encoder(args, device):
-    """The frozen caption encoder, or None when captions come cached or the model is class-conditional."""
-    if not args.use_json_dataset or args.text_emb_dir:
-        return None
-    from models.text_encoder import TextEncoder
-    return TextEncoder.load(args.clip_model_id, device=device, max_length=args.text_len)
-
-
-def cached_text_dim(dataset, args):
-    """Width of the cached caption embeddings, after checking that they hold --text-len tokens."""
+def build_conditioner(args, dataset, device):
+    """Text (captions through the text encoder, or cached embeddings) or class labels; returns (conditioner,
+    the width of its caption tokens or None)."""
+    if not args.use_json_dataset:
+        return ClassConditioner(args.num_classes, dropout=args.cfg_prob), None
+    conditioner = TextConditioner(args.text_encoder, args.text_len, dropout=args.cfg_prob)
+    if args.text_emb_dir is None or args.sample_every:
+        conditioner.load(device)
+    if args.text_emb_dir is None:
+        return conditioner, conditioner.dim
     tokens, dim = dataset[0][2].shape
     if tokens != args.text_len:
         raise ValueError(f"cached caption embeddings in {args.text_emb_dir} have {tokens} tokens but --text-len is "
                          f"{args.text_len}: pass --text-len {tokens} or re-run encode-text with --text-len "
                          f"{args.text_len}")
-    return dim
+    return conditioner, dim
 
 
 def build_repa_encoders(args, resolution, device):
@@ -138,169 +151,68 @@ def build_repa_encoders(args, resolution, device):
     return load_repa_encoders(args.enc_type, resolution, device=device, weights=args.enc_weights)
 
 
-def build_model(args, latent_shape, text_dim, z_dims):
+def build_backbone(args, latent_shape, text_dim, z_dims):
+    """The backbone `--model` names, for latents of latent_shape, with the backbone options it takes."""
     channels, height, width = latent_shape
     if height != width:
         raise ValueError(f"latents must be square, got {height}x{width}")
-    if text_dim is not None:
-        conditioning = dict(text_dim=text_dim, text_len=args.text_len)
-    else:
-        conditioning = dict(num_classes=args.num_classes)
-    return SiT_models[args.model](
-        input_size=height, in_channels=channels, z_dims=z_dims, projector_dim=args.projector_dim,
-        cfg_prob=args.cfg_prob, qk_norm=args.qk_norm, sprint_drop_ratio=args.sprint_drop_ratio,
-        path_drop_prob=args.path_drop_prob, **conditioning,
-    )
+    factory = BACKBONES.get(args.model)
+    options = {k: getattr(args, k) for k in BACKBONE_OPTIONS}
+    options = accepted_options(factory, options, set(args.explicit), args.model)
+    if z_dims:
+        options.update(accepted_options(factory, {"z_dims": z_dims}, {"z_dims"}, f"{args.model} (REPA, --enc-type)"))
+    elif "z_dims" in accepted_options(factory, {"z_dims": []}, set(), args.model):
+        options["z_dims"] = []
+    condition = dict(text_dim=text_dim, text_len=args.text_len) if text_dim else dict(num_classes=args.num_classes)
+    return factory(input_size=height, in_channels=channels, **condition, **options)
 
 
-def compile_for_training(model, frozen):
-    """torch.compile the SiT (block by block under gradient checkpointing, whose memory saving a whole-graph
-    compile would undo) and the networks inside the frozen encoders, in place: state-dict keys stay the same."""
-    if model.gradient_checkpointing:
-        for block in model.blocks:
-            block.compile()
-    else:
-        model.compile()
-    for wrapper in frozen:
-        if wrapper is not None:
-            wrapper.model.compile()
+def build_objective(args, model):
+    name = args.objective or model.default_objective
+    factory = OBJECTIVES.get(name)
+    options = accepted_options(factory, {k: getattr(args, k) for k in OBJECTIVE_OPTIONS}, set(args.explicit),
+                               f"the {name!r} objective")
+    return factory(**options)
 
 
-def check_repa_tokens(encoders, image, num_patches, model_name, device):
-    """REPA aligns encoder patch features token by token with the SiT image tokens: their counts must agree."""
+def build_loss(args, objective):
+    aux = {"proj": (AUX_LOSSES.build("proj"), args.proj_coeff),
+           "cfm": (AUX_LOSSES.build("cfm", weighting=args.cfm_weighting), args.cfm_coeff)}
+    return TrainingLoss(objective, aux)
+
+
+def check_repa_tokens(encoders, image, model, device):
+    """REPA aligns encoder patch features token by token with the image tokens: their counts must agree."""
     with torch.no_grad():
         tokens = [encoder(image[None].to(device)).shape[1] for encoder in encoders]
+    num_patches = getattr(model, "num_patches", None)
     if any(n != num_patches for n in tokens):
-        raise ValueError(f"REPA encoders give {tokens} tokens for {image.shape[-1]}px images but {model_name} has "
+        raise ValueError(f"REPA encoders give {tokens} tokens for {image.shape[-1]}px images but the backbone has "
                          f"{num_patches} image tokens; choose a patch size that matches or --enc-type none")
 
 
-def checkpoint_root(args):
-    return Path(args.output_dir) / args.exp_name / "checkpoints"
+def build_sample_writer(args, dataset, conditioner, objective, latent_shape, device):
+    from models.tokenizers import LatentDecoder, load_tokenizer
+    from omegadit.preview import SampleWriter
+    from omegadit.prompts import read_prompts
 
-
-def find_resume_dir(args):
-    """The checkpoint directory to resume from, or None for a fresh run."""
-    root = checkpoint_root(args)
-    if args.resume_step:
-        path = root / f"{args.resume_step:07d}"
-    elif args.resume == "latest":
-        steps = sorted(d.name for d in root.glob("*") if d.is_dir() and CHECKPOINT_NAME.match(d.name))
-        if not steps:
-            return None
-        path = root / steps[-1]
-    elif args.resume:
-        path = Path(args.resume)
+    if args.use_json_dataset:
+        prompts = read_prompts(args.sample_prompts) if args.sample_prompts else dataset.captions[:args.num_samples]
     else:
-        return None
-    if not (path / "training_state.pt").exists():
-        raise FileNotFoundError(f"no complete checkpoint at {path} (training_state.pt missing)")
-    return path
+        prompts = list(range(args.num_classes))
+    conditions = [prompts[i % len(prompts)] for i in range(args.num_samples)]
+    decode = LatentDecoder(load_tokenizer(args.tokenizer, device=device), dataset.latent_mean, dataset.latent_std)
+    return SampleWriter(Path(args.output_dir) / args.exp_name / "samples", objective, conditioner, decode,
+                        conditions, latent_shape, device, seed=args.seed, num_steps=args.sample_steps,
+                        cfg_scale=args.cfg_scale)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ------------------------------------------------------------------------------------------------------------------
-
-def save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler):
-    """Write exps/<exp>/checkpoints/<step> atomically: weights (safetensors), optimizer, schedule, RNG per rank."""
-    root = checkpoint_root(args)
-    final = root / f"{step:07d}"
-    tmp = root / f"{step:07d}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        raw = accelerator.unwrap_model(model)
-        save_model(raw, tmp / "model.safetensors")
-        save_model(ema, tmp / "ema.safetensors")
-        torch.save({
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "path_drop_generator": raw.path_drop_generator.get_state(),
-            "batches_consumed": step * args.gradient_accumulation_steps,
-        }, tmp / "training_state.pt")
-        write_json(tmp / "args.json", vars(args))
-        commit_directory(tmp, final)
-        if args.keep_last > 0:
-            steps = sorted(d for d in root.glob("*") if d.is_dir() and CHECKPOINT_NAME.match(d.name))
-            for old in steps[:-args.keep_last]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(path, accelerator, model, ema, optimizer, scheduler):
-    """Restore everything `save_checkpoint` wrote; returns the step."""
-    raw = accelerator.unwrap_model(model)
-    raw.load_state_dict(load_file(str(path / "model.safetensors")))
-    ema.load_state_dict(load_file(str(path / "ema.safetensors")))
-    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    raw.path_drop_generator.set_state(state["path_drop_generator"])
-    rng_file = path / f"rng_state_{accelerator.process_index}.pt"
-    if rng_file.exists():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
-    return state["step"]
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Sampling during training
-# ------------------------------------------------------------------------------------------------------------------
-
-class SampleWriter:
-    """Writes a grid of samples from fixed noise and fixed prompts (or labels) with the EMA model."""
-
-    def __init__(self, args, dataset, text_encoder, latent_shape, device):
-        from json_label_dataset import load_latent_stats
-        from models.tokenizers import load_tokenizer
-
-        self.args = args
-        self.tokenizer = load_tokenizer(args.tokenizer, device=device)
-        mean, std = load_latent_stats(Path(args.data_dir) / "vae-in" / "latents_stats.pt")
-        self.mean, self.std = mean.to(device), std.to(device)
-        generator = torch.Generator().manual_seed(args.seed)
-        self.noise = torch.randn(args.num_samples, *latent_shape, generator=generator).to(device)
-        if args.use_json_dataset:
-            if args.sample_prompts:
-                prompts = [l.strip() for l in Path(args.sample_prompts).read_text().splitlines() if l.strip()]
-            else:
-                prompts = dataset.captions[: args.num_samples]
-            self.captions = [prompts[i % len(prompts)] for i in range(args.num_samples)]
-            encoder = text_encoder or _load_text_encoder_for_samples(args, device)
-            self.condition = encoder(self.captions)
-        else:
-            labels = torch.arange(args.num_samples) % args.num_classes
-            self.captions = [str(int(label)) for label in labels]
-            self.condition = labels.to(device)
-        self.directory = Path(args.output_dir) / args.exp_name / "samples"
-        self.directory.mkdir(parents=True, exist_ok=True)
-
-    @torch.no_grad()
-    def write(self, ema, step, autocast):
-        from samplers import euler_maruyama_sampler
-
-        with autocast():
-            latents = euler_maruyama_sampler(
-                ema, self.noise, self.condition, num_steps=self.args.sample_steps, cfg_scale=self.args.cfg_scale,
-                path_type=self.args.path_type, y_null=ema.null_condition(len(self.noise), self.noise.device),
-                time_shifting=self.args.time_shifting, shift_base=self.args.shift_base,
-                generator=torch.Generator(self.noise.device).manual_seed(self.args.seed),
-            )
-        images = self.tokenizer.decode(latents.float() * self.std + self.mean)
-        path = self.directory / f"{step:07d}.png"
-        image_grid(images.permute(0, 2, 3, 1).cpu().numpy(), self.captions).save(path)
-        return path
-
-
-def _load_text_encoder_for_samples(args, device):
-    from models.text_encoder import TextEncoder
-    return TextEncoder.load(args.clip_model_id, device=device, max_length=args.text_len)
+def compile_for_training(model, frozen):
+    """torch.compile the regions the backbone offers and the networks inside the frozen encoders, in place."""
+    for region in model.compile_regions():
+        region.compile()
+    for wrapper in frozen:
+        wrapper.model.compile()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -326,26 +238,28 @@ def main(args):
     dataset = build_dataset(args)
     image, latent, _ = dataset[0]
     resolution = image.shape[-1]
-    text_encoder = build_text_encoder(args, device)
+    latent_shape = tuple(latent.shape)
+    conditioner, text_dim = build_conditioner(args, dataset, device)
     encoders = build_repa_encoders(args, resolution, device)
-    if args.use_json_dataset:
-        text_dim = text_encoder.dim if text_encoder is not None else cached_text_dim(dataset, args)
-    else:
-        text_dim = None
-    model = build_model(args, tuple(latent.shape), text_dim, [e.z_dim for e in encoders])
-    check_repa_tokens(encoders, image, model.num_patches, args.model, device)
+    model = build_backbone(args, latent_shape, text_dim, [e.z_dim for e in encoders])
+    if encoders:
+        check_repa_tokens(encoders, image, model, device)
+    objective = build_objective(args, model)
+    loss_fn = build_loss(args, objective)
+    description = checkpoint.describe(args.model, model, objective, conditioner, args.tokenizer,
+                                      (dataset.latent_mean, dataset.latent_std), {"sampler": objective.default_sampler})
     if args.init_from:
-        reference = load_reference_checkpoint(args.init_from)
-        model.load_state_dict(reference.state_dict())
-        log(f"initialised weights from the original checkpoint {args.init_from}")
-    model.path_drop_generator.manual_seed(args.seed)
-    model.gradient_checkpointing = args.gradient_checkpointing
+        checkpoint.load_state_dict_checked(model, checkpoint.load(args.init_from).model.state_dict(), args.init_from,
+                                           args.model)
+        log(f"initialised weights from {args.init_from}")
+    model.seed_training_rng(args.seed)
+    model.set_gradient_checkpointing(args.gradient_checkpointing)
     ema = deepcopy(model).to(device).eval().requires_grad_(False)
     model.to(device).train()
     if args.enc_type == "none":
         log("REPA is off (--enc-type none): the projection loss is 0")
-    log(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters; data {args.data_dir}: "
-        f"{len(dataset):,} items, latents {tuple(latent.shape)}, images {resolution}px")
+    log(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters; objective {objective.name}; "
+        f"data {args.data_dir}: {len(dataset):,} items, latents {latent_shape}, images {resolution}px")
 
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
@@ -354,14 +268,14 @@ def main(args):
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(args.lr_schedule, args.lr_warmup_steps, args.max_train_steps))
-    loss_fn = SILoss(prediction=args.prediction, path_type=args.path_type, weighting=args.weighting,
-                     cfm_weighting=args.cfm_weighting, apply_time_shift=args.time_shifting,
-                     shift_base=args.shift_base)
-    sampler = SampleWriter(args, dataset, text_encoder, tuple(latent.shape), device) if args.sample_every else None
+    sampler = (build_sample_writer(args, dataset, conditioner, objective, latent_shape, device)
+               if args.sample_every else None)
 
     if args.compile if args.compile is not None else device.type == "cuda":
-        compile_for_training(model, [text_encoder, *encoders])
+        text_encoder = getattr(conditioner, "encoder", None)
+        compile_for_training(model, ([text_encoder] if text_encoder is not None else []) + encoders)
     model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
 
     step = 0
     resume_dir = find_resume_dir(args)
@@ -382,23 +296,20 @@ def main(args):
                         generator=torch.Generator().manual_seed(args.seed))
     batches = iter(loader)
 
-    def condition(caption_batch):
-        if text_encoder is not None:
-            return text_encoder(list(caption_batch))
-        return caption_batch.to(device)
-
     def next_micro_batch():
-        images, latents, captions = next(batches)
+        images, latents, conditions = next(batches)
         images = images.to(device, non_blocking=True)
         latents = latents.to(device, non_blocking=True)
+        y = conditioner(conditions, device)
+        y = conditioner.drop(y, raw_model.null_condition(y.shape[0], device))
         with torch.no_grad(), accelerator.autocast():
             targets = [encoder(images) for encoder in encoders]
-            y = condition(captions)
         return latents, y, targets
 
     interrupted = {"flag": False}
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
     non_finite = torch.zeros((), device=device, dtype=torch.bool)
+    names = ["loss", *loss_fn.term_names]
     sums = None
     window_start, window_steps = time.perf_counter(), 0
     progress = tqdm(total=args.max_train_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
@@ -422,10 +333,12 @@ def main(args):
                     raise SystemExit(1)
                 elapsed = time.perf_counter() - window_start
                 mean = accelerator.reduce(sums, "mean") / (window_steps * args.gradient_accumulation_steps)
-                record = dict(step=step, loss=mean[0].item(), loss_denoise=mean[1].item(), loss_proj=mean[2].item(),
-                              loss_cfm=mean[3].item(), lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                              step_time=elapsed / window_steps, images_per_sec=window_steps * args.batch_size / elapsed)
-                log_metrics(accelerator, exp_dir, record)
+                record = {"step": step, **{("loss" if n == "loss" else f"loss_{n}"): v
+                                           for n, v in zip(names, mean.tolist())},
+                          "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                          "step_time": elapsed / window_steps,
+                          "images_per_sec": window_steps * args.batch_size / elapsed}
+                log_metrics(accelerator, exp_dir, record, loss_fn.term_names)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_sec']:.1f}")
                 sums, window_start, window_steps = None, time.perf_counter(), 0
             if sampler is not None and step % args.sample_every == 0:
@@ -433,15 +346,16 @@ def main(args):
                     log(f"samples written to {sampler.write(ema, step, accelerator.autocast)}")
                 accelerator.wait_for_everyone()
             if checkpoint_due:
-                log(f"saved checkpoint {save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler)}")
+                path = save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, description)
+                log(f"saved checkpoint {path}")
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         progress.close()
     if interrupted["flag"]:
         if any_true(accelerator, non_finite):
-            log(f"interrupted after a non-finite loss; no checkpoint written, the last good one is kept")
+            log("interrupted after a non-finite loss; no checkpoint written, the last good one is kept")
             raise SystemExit(1)
-        path = save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler)
+        path = save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, description)
         log(f"interrupted: saved checkpoint {path}; continue with --resume latest")
         raise SystemExit(130)
     accelerator.end_training()
@@ -449,13 +363,11 @@ def main(args):
 
 
 def forward_backward(accelerator, model, loss_fn, latents, y, targets, args, sync=True):
-    """Loss and gradients of one micro-batch; returns the detached [total, denoise, proj, cfm] (no host sync)."""
+    """Loss and gradients of one micro-batch; returns the detached [total, *terms] (no host sync)."""
     with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-        out = loss_fn(model, latents, dict(y=y), targets)
-        loss = out.total(args.proj_coeff, args.cfm_coeff)
+        loss, terms = loss_fn(model, latents, dict(y=y), targets)
         accelerator.backward(loss / args.gradient_accumulation_steps)
-    return torch.stack([loss.detach(), out.denoising.detach().mean(), out.proj.detach().float(),
-                        out.cfm.detach().float()])
+    return torch.stack([loss.detach().float(), *terms.values()])
 
 
 def optimizer_step(accelerator, model, ema, optimizer, scheduler, args):
@@ -485,13 +397,14 @@ def make_logger(accelerator, exp_dir):
     return log
 
 
-def log_metrics(accelerator, exp_dir, record):
+def log_metrics(accelerator, exp_dir, record, term_names):
     """One metrics record to the console, exps/<exp>/metrics.jsonl and the trackers (main process only)."""
     if not accelerator.is_main_process:
         return
-    tqdm.write("step {step}: loss {loss:.4f} (denoise {loss_denoise:.4f}, proj {loss_proj:.4f}, cfm {loss_cfm:.4f}) "
-               "lr {lr:.2e} grad_norm {grad_norm:.3f} {step_time:.3f}s/step {images_per_sec:.1f} img/s"
-               .format(**record))
+    terms = ", ".join(f"{name} {record[f'loss_{name}']:.4f}" for name in term_names)
+    tqdm.write(f"step {record['step']}: loss {record['loss']:.4f} ({terms}) lr {record['lr']:.2e} "
+               f"grad_norm {record['grad_norm']:.3f} {record['step_time']:.3f}s/step "
+               f"{record['images_per_sec']:.1f} img/s")
     with open(exp_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])

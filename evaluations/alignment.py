@@ -36,6 +36,7 @@ from demo.shapes import (  # noqa: E402
     parse_caption,
     parse_holdout,
 )
+from omegadit.prompts import read_prompts  # noqa: E402
 
 FIRST_THRESHOLD = 60.0
 MIN_THRESHOLD = 40.0
@@ -182,26 +183,6 @@ def score(images, prompts, holdout=()):
     if count != len(prompts):
         raise ValueError(f"got {count} images for {len(prompts)} prompts")
     return {name: _summary(records) for name, records in groups.items()}
-
-
-def read_prompts(path):
-    """Captions from a text file (one per non-empty line, as generate.py reads it), a labels.json
-    ([{"id", "en"}]) or a JSON list of strings or {"prompt": ...} dicts."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} does not exist")
-    if path.suffix == ".json":
-        items = json.loads(path.read_text())
-        if not isinstance(items, list):
-            raise ValueError(f"{path}: expected a JSON list of prompts")
-        prompts = [item if isinstance(item, str) else item.get("prompt", item.get("en")) for item in items]
-        if not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"{path}: every entry must be a string or hold a 'prompt' or 'en' string")
-    else:
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return prompts
 
 
 def _load_png(path):

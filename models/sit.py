@@ -401,6 +401,7 @@ def _constructor(size, patch_size):
     def build(**kwargs):
         return SiT(patch_size=patch_size, **SIZES[size], **kwargs)
     build.__name__ = f"SiT_{size}_{patch_size}"
+    build.__wrapped__ = SiT
     build.__doc__ = f"SiT-{size}/{patch_size}: {SIZES[size]}, patch size {patch_size}."
     return build
 
@@ -460,7 +461,8 @@ def from_reference(state_dict, **reference_kwargs):
 
 
 def load_reference_checkpoint(path, use_ema=False, **reference_kwargs):
-    """Load a checkpoint file written by the original train.py (`{'model': ..., 'args': ...}`) without running code.
+    """(our SiT, the saved training args as a dict) from a checkpoint of the original train.py
+    (`{'model': ..., 'ema': ..., 'args': Namespace}`), read once and without running code.
 
     The architecture comes from `reference_kwargs` or, when absent, from the checkpoint's saved `args.model`.
     """
@@ -473,7 +475,8 @@ def load_reference_checkpoint(path, use_ema=False, **reference_kwargs):
         raise ValueError(f"{path} has no '{key}' entry; keys are {sorted(ckpt)}")
     if not reference_kwargs:
         reference_kwargs = reference_kwargs_from_args(ckpt.get("args"), ckpt[key])
-    return from_reference(ckpt[key], **reference_kwargs)
+    args = vars(ckpt["args"]) if ckpt.get("args") is not None else {}
+    return from_reference(ckpt[key], **reference_kwargs), args
 
 
 def reference_kwargs_from_args(args, state_dict):

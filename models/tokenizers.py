@@ -121,3 +121,15 @@ def load_tokenizer(spec: str, device="cpu", ckpt_path=None):
     if ckpt_path:
         raise ValueError(f"ckpt_path only applies to 'vavae:<config>' tokenizers, not '{spec}'")
     return VAETokenizer(KLAutoencoder(_load_diffusers_autoencoder(spec)), spec, device)
+
+
+class LatentDecoder:
+    """Normalised latents (as datasets give them: (raw - mean) / std) -> uint8 images (N, 3, H, W)."""
+
+    def __init__(self, tokenizer, mean: torch.Tensor, std: torch.Tensor):
+        self.tokenizer = tokenizer
+        self.mean = mean.to(tokenizer.device)
+        self.std = std.to(tokenizer.device)
+
+    def __call__(self, latents):
+        return self.tokenizer.decode(latents.to(self.tokenizer.device, torch.float32) * self.std + self.mean)

@@ -8,6 +8,7 @@ from safetensors import safe_open
 
 from conftest import fixture_path
 from loss import LossOutput, SILoss, interpolant, time_shift
+from omegadit.objectives.flow import FlowMatching
 
 FIXTURE_CASES = [f"{path}.{cfm}.{shift}" for path in ("linear", "cosine") for cfm in ("uniform", "linear")
                  for shift in ("shift", "noshift")]
@@ -54,7 +55,7 @@ class EchoModel(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.tensor(0.7))
 
     def forward(self, x, t, y=None):
-        return self.scale * x + t.view(-1, 1, 1, 1), self.zs_tilde
+        return self.scale * x + t.view(-1, 1, 1, 1), {"repa": self.zs_tilde}
 
 
 def batch(n=6, seed=0):
@@ -84,7 +85,7 @@ def test_time_shift_fixed_points_and_monotone():
 @pytest.mark.parametrize("path_type", ["linear", "cosine"])
 def test_lognormal_times_in_open_interval(path_type):
     g = torch.Generator().manual_seed(0)
-    t = SILoss(path_type=path_type, weighting="lognormal").sample_time((20000, 1, 1, 1), generator=g)
+    t = FlowMatching(path_type=path_type, weighting="lognormal").sample_time((20000, 1, 1, 1), generator=g)
     assert t.shape == (20000, 1, 1, 1)
     assert (t > 0).all() and (t < 1).all()
     # sigma = exp(N(0, 1)) has median 1, mapped to t = 1/2 on both paths.

@@ -6,10 +6,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
-import models.sit
+import models.backbone
 from conftest import fixture_path
 from models.pos_embed import rope_2d_tables, sincos_2d
-from models.sit import SiT, SiT_models, from_reference, load_model, save_model
+from models.sit import SiT, SiT_models, from_reference
 
 
 def tiny_text_sit(**overrides):
@@ -56,7 +56,8 @@ def test_reference_checkpoint_parity():
     model = from_reference(state, **meta["config"])
     assert not model.training
     with torch.no_grad():
-        out, zs = model(t["x"], t["t"], t["y"])
+        out, aux = model(t["x"], t["t"], t["y"])
+        zs = aux["repa"]
         out_uncond, _ = model(t["x"], t["t"], t["y_null"], uncond=True)
     assert (out - t["out"]).abs().max() < 1e-5
     assert len(zs) == 1 and (zs[0] - t["zs.0"]).abs().max() < 1e-5
@@ -102,6 +103,7 @@ def test_from_reference_handles_other_configs(patch_size, z_dims):
     with torch.no_grad():
         a, za = ours(x, t, y)
         b, zb = loaded(x, t, y)
+    za, zb = za["repa"], zb["repa"]
     assert torch.equal(a, b) and len(za) == len(z_dims) == len(zb)
 
 
@@ -117,7 +119,8 @@ def test_every_variant_builds_and_runs(name):
     model = SiT_models[name](input_size=8, in_channels=4, text_dim=16, text_len=3, z_dims=[8]).eval()
     x, t, y = inputs(model, batch=1)
     with torch.no_grad():
-        out, zs = model(x, t, y)
+        out, aux = model(x, t, y)
+    zs = aux["repa"]
     patch = int(name.split("/")[1])
     assert out.shape == x.shape and zs[0].shape == (1, (8 // patch) ** 2, 8)
     assert torch.isfinite(out).all()
@@ -129,8 +132,8 @@ def test_sit_b1_text_parameter_count_matches_reference():
     assert abs(count / 139.49e6 - 1) < 1e-3
 
 
-def test_caption_dropout_and_path_drop_only_in_training():
-    model = tiny_text_sit(cfg_prob=0.5, path_drop_prob=0.5)
+def test_path_drop_only_in_training():
+    model = tiny_text_sit(path_drop_prob=0.5)
     x, t, y = inputs(model, batch=8)
     model.eval()
     with torch.no_grad():
@@ -141,18 +144,8 @@ def test_caption_dropout_and_path_drop_only_in_training():
     assert any(not torch.allclose(o, reference) for o in outputs)
 
 
-def test_caption_dropout_uses_null_caption():
-    model = tiny_text_sit(cfg_prob=1.0, path_drop_prob=0.0).train()
-    x, t, y = inputs(model, batch=2)
-    with torch.no_grad():
-        dropped, _ = model(x, t, y)
-        model.eval()
-        null, _ = model(x, t, model.null_condition(2))
-    assert torch.allclose(dropped, null, atol=1e-6)
-
-
 def test_path_drop_in_training_equals_uncond():
-    model = tiny_text_sit(cfg_prob=0.0, path_drop_prob=1.0).train()
+    model = tiny_text_sit(path_drop_prob=1.0).train()
     x, t, y = inputs(model)
     with torch.no_grad():
         dropped, _ = model(x, t, y)
@@ -164,7 +157,7 @@ def test_path_drop_in_training_equals_uncond():
 
 
 def test_path_drop_decision_is_reproducible_from_seed():
-    model = tiny_text_sit(cfg_prob=0.0, path_drop_prob=0.5).train()
+    model = tiny_text_sit(path_drop_prob=0.5).train()
     x, t, y = inputs(model)
     runs = []
     for _ in range(2):
@@ -187,8 +180,8 @@ def test_per_sample_uncond_matches_whole_batch_calls():
 
 
 def test_sparse_token_drop_changes_training_output_only():
-    model = tiny_text_sit(cfg_prob=0.0, path_drop_prob=0.0, sprint_drop_ratio=0.5)
-    dense_model = tiny_text_sit(cfg_prob=0.0, path_drop_prob=0.0, sprint_drop_ratio=0.0)
+    model = tiny_text_sit(path_drop_prob=0.0, sprint_drop_ratio=0.5)
+    dense_model = tiny_text_sit(path_drop_prob=0.0, sprint_drop_ratio=0.0)
     x, t, y = inputs(model)
     with torch.no_grad():
         model.train(), dense_model.train()
@@ -198,10 +191,10 @@ def test_sparse_token_drop_changes_training_output_only():
 
 
 def test_sparse_path_gradients_reach_all_parameters():
-    model = tiny_text_sit(cfg_prob=0.0, path_drop_prob=0.0, sprint_drop_ratio=0.5).train()
+    model = tiny_text_sit(path_drop_prob=0.0, sprint_drop_ratio=0.5).train()
     x, t, y = inputs(model)
-    out, zs = model(x, t, y)
-    (out.square().mean() + sum(z.square().mean() for z in zs)).backward()
+    out, aux = model(x, t, y)
+    (out.square().mean() + sum(z.square().mean() for z in aux["repa"])).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
 
@@ -213,14 +206,14 @@ def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
         checkpointed.append(function)
         return checkpoint(function, *args, **kwargs)
 
-    monkeypatch.setattr(models.sit, "checkpoint", counting_checkpoint)
+    monkeypatch.setattr(models.backbone, "checkpoint", counting_checkpoint)
     grads = []
     for flag in (False, True):
-        model = tiny_text_sit(cfg_prob=0.0, path_drop_prob=0.0).train()
-        model.gradient_checkpointing = flag
+        model = tiny_text_sit(path_drop_prob=0.0).train()
+        model.set_gradient_checkpointing(flag)
         x, t, y = inputs(model)
-        out, zs = model(x, t, y)
-        (out.square().mean() + zs[0].square().mean()).backward()
+        out, aux = model(x, t, y)
+        (out.square().mean() + aux["repa"][0].square().mean()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         assert len(checkpointed) == (len(model.blocks) if flag else 0)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
@@ -248,12 +241,3 @@ def test_constructor_rejects_ambiguous_conditioning():
         SiT(input_size=8, in_channels=4, hidden_size=32, depth=4, num_heads=2, text_dim=8, num_classes=3)
 
 
-def test_save_and_load_rebuilds_from_file_alone(tmp_path):
-    model = tiny_text_sit(qk_norm=True).eval()
-    path = tmp_path / "model.safetensors"
-    save_model(model, path)
-    loaded = load_model(path)
-    x, t, y = inputs(model)
-    with torch.no_grad():
-        assert torch.equal(model(x, t, y)[0], loaded(x, t, y)[0])
-    assert loaded.config == model.config

@@ -180,7 +180,7 @@ def test_init_from_original_checkpoint(text_dataset, minilm, tmp_path, fresh_acc
 
 def tiny_model(proj_z_dims=(16,)):
     model = SiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=2, num_classes=5,
-                z_dims=list(proj_z_dims), projector_dim=16, cfg_prob=0.0, path_drop_prob=0.0)
+                z_dims=list(proj_z_dims), projector_dim=16, path_drop_prob=0.0)
     randomize(model)
     return model
 

@@ -1,0 +1,209 @@
+"""Self-describing checkpoints: the one module that writes and reads model weights.
+
+A weights file is safetensors whose metadata key "omegadit" holds a JSON description of everything sampling
+needs besides the weights:
+
+    {"format": 1,
+     "backbone": {"name": "SiT-B/1", "architecture": "sit", "config": {...}},
+     "objective": {"name": "flow", "config": {...}},
+     "conditioner": {"name": "text", "config": {"text_encoder": ..., "text_len": 77, "dropout": 0.1}},
+     "autoencoder": "vavae:tokenizer/configs/vavae_f16d32_vfdinov2.yaml",
+     "latent_stats": {"mean": [...], "std": [...]},          # per channel; latents = raw * 1/std - mean/std
+     "sampling": {"sampler": "sde", "num_steps": 50, ...}}  # defaults generate.py starts from
+
+so that `load(path)` rebuilds the network, the objective and the conditioner with no training folder around.
+Files written before this format (metadata "config" only, with args.json beside) and checkpoints of the original
+OmegaDiT train.py (.pt) still load.
+"""
+import json
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from models import rebuild_backbone
+from omegadit.conditioners import DEFAULT_TEXT_ENCODER, build_conditioner
+from omegadit.objectives import build_objective
+
+FORMAT = 1
+META_KEY = "omegadit"
+DEFAULT_AUTOENCODER = "vavae:tokenizer/configs/vavae_f16d32_vfdinov2.yaml"
+
+
+def describe(backbone_name: str, model, objective, conditioner, autoencoder: str, latent_stats=None,
+             sampling: Optional[dict] = None) -> dict:
+    """The description stored with the weights (see the module docstring)."""
+    description = {
+        "format": FORMAT,
+        "backbone": {"name": backbone_name, "architecture": model.architecture, "config": model.config},
+        "objective": objective.describe(),
+        "conditioner": conditioner.describe(),
+        "autoencoder": autoencoder,
+        "sampling": dict(sampling or {}),
+    }
+    if latent_stats is not None:
+        mean, std = latent_stats
+        description["latent_stats"] = {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
+    return description
+
+
+def save_weights(path, state_dict: dict, description: dict):
+    """Write a state dict as safetensors with `description` in its metadata."""
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(path), metadata={META_KEY: json.dumps(description)})
+
+
+def load_weights(path) -> dict:
+    """The tensors of a safetensors file; a missing or damaged file is named in the error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+def read_metadata(path) -> dict:
+    """The string metadata of a safetensors file."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+def read_description(path) -> Optional[dict]:
+    """The description of a weights file, or None for a file written before descriptions existed."""
+    metadata = read_metadata(path)
+    if META_KEY not in metadata:
+        return None
+    description = json.loads(metadata[META_KEY])
+    if description.get("format", 0) > FORMAT:
+        raise ValueError(f"{path} was written by a newer OmegaDiT (checkpoint format {description['format']}); "
+                         f"this one reads format {FORMAT}")
+    return description
+
+
+class Loaded(NamedTuple):
+    """A checkpoint ready for sampling: the network in eval mode, its objective and conditioner, the autoencoder
+    spec, the latent statistics ((mean, std) tensors of shape (C, 1, 1), or None when unknown) and the
+    description."""
+    model: torch.nn.Module
+    objective: object
+    conditioner: object
+    autoencoder: str
+    latent_stats: Optional[tuple]
+    description: dict
+
+
+def build(description: dict, state_dict: dict, source) -> Loaded:
+    """Rebuild every part a description names and load `state_dict` into the network."""
+    backbone = description["backbone"]
+    model = rebuild_backbone(backbone["architecture"], backbone["config"])
+    load_state_dict_checked(model, state_dict, source, backbone.get("name", backbone["architecture"]))
+    objective = build_objective(description["objective"]["name"], **description["objective"]["config"])
+    conditioner = build_conditioner(description["conditioner"]["name"], **description["conditioner"]["config"])
+    stats = description.get("latent_stats")
+    latent_stats = None if stats is None else tuple(torch.tensor(stats[k]).reshape(-1, 1, 1) for k in ("mean", "std"))
+    return Loaded(model.eval(), objective, conditioner, description.get("autoencoder", DEFAULT_AUTOENCODER),
+                  latent_stats, description)
+
+
+def load_state_dict_checked(model, state_dict: dict, source, expected: str):
+    """load_state_dict with an error that lists the first mismatches instead of every key."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing (first: {missing[:3]})" if missing else "",
+                 f"{len(unexpected)} unexpected (first: {unexpected[:3]})" if unexpected else "",
+                 f"{len(shapes)} of another shape (first: {shapes[:3]})" if shapes else ""]
+        raise ValueError(f"{source} does not hold the weights of {expected}: "
+                         f"{'; '.join(p for p in parts if p)}")
+    model.load_state_dict(state_dict)
+
+
+def weights_file(path, use_ema: bool = True) -> Path:
+    """The weights file of a checkpoint directory (ema.safetensors or model.safetensors) or the file itself."""
+    path = Path(path)
+    if path.is_dir():
+        weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
+        if not weights.exists():
+            raise FileNotFoundError(f"{path} is not a train.py checkpoint directory: {weights.name} is missing")
+        return weights
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load(path, use_ema: bool = True) -> Loaded:
+    """Load a checkpoint directory, a weights .safetensors, or a .pt of the original OmegaDiT train.py."""
+    path = Path(path)
+    if path.suffix in (".pt", ".pth"):
+        return _load_reference(path, use_ema)
+    weights = weights_file(path, use_ema)
+    if weights.suffix != ".safetensors":
+        raise ValueError(f"{weights}: expected a checkpoint directory, a .safetensors or a .pt file")
+    description = read_description(weights)
+    if description is None:
+        description = _legacy_description(weights)
+    return build(description, load_weights(weights), weights)
+
+
+def _read_args(weights: Path) -> dict:
+    args_file = weights.parent / "args.json"
+    return json.loads(args_file.read_text()) if args_file.exists() else {}
+
+
+def _stats_of_data_dir(data_dir) -> Optional[dict]:
+    from json_label_dataset import STATS_FILENAME, load_latent_stats
+
+    stats_file = Path(data_dir) / "vae-in" / STATS_FILENAME if data_dir else None
+    if stats_file is None or not stats_file.exists():
+        return None
+    mean, std = load_latent_stats(stats_file)
+    return {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
+
+
+def _legacy_description(weights: Path) -> dict:
+    """Describe a SiT weights file written before checkpoints carried descriptions, from its config metadata
+    and the args.json train.py wrote beside it (latent statistics from its data folder, if still there)."""
+    metadata = read_metadata(weights)
+    if "config" not in metadata:
+        raise ValueError(f"{weights} carries no model description: it was not written by OmegaDiT's train.py")
+    config = json.loads(metadata["config"])
+    return _sit_description(config, _read_args(weights))
+
+
+def _sit_description(config: dict, args: dict) -> dict:
+    text = config.get("text_dim") is not None
+    conditioner = ({"name": "text", "config": {"text_encoder": args.get("clip_model_id") or DEFAULT_TEXT_ENCODER,
+                                               "text_len": config.get("text_len", 77)}}
+                   if text else {"name": "class", "config": {"num_classes": config["num_classes"]}})
+    description = {
+        "format": FORMAT,
+        "backbone": {"name": args.get("model", "SiT"), "architecture": "sit", "config": config},
+        "objective": {"name": "flow", "config": {"path_type": args.get("path_type", "linear"),
+                                                 "time_shifting": args.get("time_shifting", True),
+                                                 "shift_base": args.get("shift_base", 4096)}},
+        "conditioner": conditioner,
+        "autoencoder": args.get("tokenizer") or DEFAULT_AUTOENCODER,
+        "sampling": {},
+    }
+    stats = _stats_of_data_dir(args.get("data_dir"))
+    if stats is not None:
+        description["latent_stats"] = stats
+    return description
+
+
+def _load_reference(path: Path, use_ema: bool) -> Loaded:
+    """A checkpoint of the original OmegaDiT train.py ({'model', 'ema', 'args'} in a .pt)."""
+    from models.sit import load_reference_checkpoint
+
+    model, args = load_reference_checkpoint(path, use_ema=use_ema)
+    return build(_sit_description(model.config, args), model.state_dict(), path)
