@@ -12,7 +12,9 @@ from PIL import Image
 
 import generate
 from conftest import REPO_ROOT
-from models.sit import SiT, SiT_models, save_model
+from safetensors.torch import save_file
+
+from models.sit import SiT, SiT_models
 from test_sit import to_reference_layout
 
 
@@ -25,6 +27,14 @@ def small_random(model, seed=0, std=0.05):
     return model
 
 
+def save_legacy_weights(model, path):
+    """Weights as train.py wrote them before checkpoints described themselves: the SiT config (with the caption
+    dropout it then held) as the only metadata, args.json beside them."""
+    config = {**model.config, "cfg_prob": 0.1}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"config": json.dumps(config)})
+
+
 def text_model():
     """A small SiT for the 32 px pixel-tokenizer latents (48 x 8 x 8) and 16 MiniLM caption tokens (384-d)."""
     return small_random(SiT(input_size=8, patch_size=4, in_channels=48, hidden_size=384, depth=4, num_heads=6,
@@ -33,12 +43,12 @@ def text_model():
 
 @pytest.fixture(scope="module")
 def checkpoint(text_dataset, minilm, tmp_path_factory):
-    """A checkpoint directory laid out as train.py writes it."""
+    """A checkpoint directory laid out as train.py wrote it before checkpoints described themselves."""
     ckpt = tmp_path_factory.mktemp("ckpt") / "0000010"
     ckpt.mkdir()
     model = text_model()
-    save_model(model, ckpt / "model.safetensors")
-    save_model(model, ckpt / "ema.safetensors")
+    save_legacy_weights(model, ckpt / "model.safetensors")
+    save_legacy_weights(model, ckpt / "ema.safetensors")
     (ckpt / "args.json").write_text(json.dumps(dict(tokenizer="pixel", data_dir=str(text_dataset),
                                                     clip_model_id=minilm, shift_base=4096, time_shifting=True)))
     return ckpt
@@ -149,7 +159,7 @@ def test_class_model_balanced_labels(text_dataset, tmp_path):
     ckpt.mkdir()
     model = small_random(SiT(input_size=8, patch_size=4, in_channels=48, hidden_size=64, depth=4, num_heads=2,
                              num_classes=3, z_dims=[]))
-    save_model(model, ckpt / "ema.safetensors")
+    save_legacy_weights(model, ckpt / "ema.safetensors")
     (ckpt / "args.json").write_text(json.dumps(dict(tokenizer="pixel", data_dir=str(text_dataset))))
     run_generate(["--ckpt", str(ckpt), "--sample-dir", str(tmp_path), "--name", "c", "--balanced-sampling",
                   "--num-fid-samples", "5", "--mode", "sde", "--num-steps", "3", "--mixed-precision", "no"])
@@ -167,8 +177,8 @@ def test_bad_inputs_fail_before_sampling(checkpoint, text_dataset, tmp_path):
         run_generate(generate_argv(checkpoint, prompts, tmp_path, "x", "--latent-stats", str(tmp_path / "no.pt")))
     narrow = tmp_path / "narrow"
     narrow.mkdir()
-    save_model(small_random(SiT(input_size=8, patch_size=4, in_channels=48, hidden_size=64, depth=4, num_heads=2,
-                                text_dim=32, z_dims=[])), narrow / "ema.safetensors")
+    save_legacy_weights(small_random(SiT(input_size=8, patch_size=4, in_channels=48, hidden_size=64, depth=4,
+                                        num_heads=2, text_dim=32, z_dims=[])), narrow / "ema.safetensors")
     (narrow / "args.json").write_text((checkpoint / "args.json").read_text())
     with pytest.raises(ValueError, match="--text-encoder"):
         run_generate(generate_argv(narrow, prompts, tmp_path, "x"))

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import train
 from conftest import REPO_ROOT
-from loss import SILoss
+from loss import SILoss, TrainingLoss
 from models.sit import SiT
 from test_sit import randomize, to_reference_layout
 
@@ -49,8 +49,13 @@ def test_tiny_training_writes_checkpoints_logs_and_samples(text_dataset, minilm,
     model, ema = weights(exp / "checkpoints" / "0000004")
     assert any(not torch.equal(model[k], ema[k]) for k in model)
     assert "REPA is off" in (exp / "log.txt").read_text()
-    config = json.loads(safe_open(str(exp / "checkpoints" / "0000004" / "ema.safetensors"), "pt").metadata()["config"])
+    description = json.loads(safe_open(str(exp / "checkpoints" / "0000004" / "ema.safetensors"), "pt").metadata()["omegadit"])
+    config = description["backbone"]["config"]
     assert config["text_len"] == 16 and config["text_dim"] == 384
+    assert description["conditioner"] == {"name": "text", "config": {"dropout": 0.3, "text_encoder": minilm,
+                                                                     "text_len": 16}}
+    assert description["objective"]["name"] == "flow" and description["objective"]["config"]["time_shifting"]
+    assert description["autoencoder"] == "pixel" and len(description["latent_stats"]["mean"]) == 48
 
 
 def test_resume_gives_the_same_weights_as_one_run(text_dataset, minilm, tmp_path, fresh_accelerate_state):
@@ -99,7 +104,7 @@ def test_missing_text_encoder_fails_before_training(text_dataset, tmp_path, fres
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(text_dataset, minilm, tmp_path,
                                                               fresh_accelerate_state, monkeypatch):
     calls = {"n": 0}
-    original = SILoss.__call__
+    original = TrainingLoss.__call__
 
     def poisoned(self, model, images, *args, **kwargs):
         calls["n"] += 1
@@ -107,7 +112,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(text_dataset, mini
             images = images * float("nan")
         return original(self, model, images, *args, **kwargs)
 
-    monkeypatch.setattr(SILoss, "__call__", poisoned)
+    monkeypatch.setattr(TrainingLoss, "__call__", poisoned)
     with pytest.raises(SystemExit) as stop:
         run_training(train_argv(text_dataset, tmp_path, minilm, "--max-train-steps", "6",
                                 "--checkpointing-steps", "2", "--log-every", "3"))
