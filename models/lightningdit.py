@@ -240,22 +240,33 @@ def convert_lightningdit_state_dict(state_dict: dict, config: dict) -> dict:
 
 
 def read_state_dict(path, use_ema: bool = True) -> dict:
-    """The weights in a LightningDiT checkpoint file: a .safetensors file, or a .pt read with weights_only=True
-    that is a bare state dict or a dict with 'ema' and/or 'model' entries ('ema' preferred when use_ema)."""
+    """The weights in a LightningDiT checkpoint file: a .pt read with weights_only=True, or a .safetensors file;
+    either a bare state dict or one with 'ema' and/or 'model' entries (in .safetensors, 'ema.'/'model.' key
+    prefixes), 'ema' preferred when use_ema."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        return load_file(str(path))
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        ckpt = _nest_prefixed(load_file(str(path)))
+    else:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a state dict or a dict with 'model'/'ema', got {type(ckpt).__name__}")
-    order = ("ema", "model") if use_ema else ("model", "ema")
-    for key in order:
+    for key in ("ema", "model") if use_ema else ("model", "ema"):
         if key in ckpt:
             return ckpt[key]
     if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return ckpt
     raise ValueError(f"{path}: no 'model' or 'ema' entry and not a bare state dict; keys are {sorted(ckpt)[:10]}")
+
+
+def _nest_prefixed(tensors: dict) -> dict:
+    """{'ema': {...}, 'model': {...}} from the 'ema.*'/'model.*' keys of a flat file; the file as is without them."""
+    nested = {}
+    for entry in ("ema", "model"):
+        part = {k[len(entry) + 1:]: v for k, v in tensors.items() if k.startswith(f"{entry}.")}
+        if part:
+            nested[entry] = part
+    return nested or tensors
 
 
 def from_lightningdit(state_dict: dict, expected: dict = None):
@@ -271,7 +282,23 @@ def from_lightningdit(state_dict: dict, expected: dict = None):
         if wrong:
             details = "; ".join(f"{k}: expected {v}, found {f}" for k, (v, f) in wrong.items())
             raise ValueError(f"LightningDiT checkpoint does not match the requested model: {details}")
-    return LightningDiT.architecture, config, convert_lightningdit_state_dict(state, config)
+    converted = convert_lightningdit_state_dict(state, config)
+    check_state_dict(converted, config)
+    return LightningDiT.architecture, config, converted
+
+
+def check_state_dict(state_dict: dict, config: dict):
+    """Raise a ValueError naming every missing, unexpected or misshapen key of `state_dict` for a LightningDiT built
+    with `config` (built on the meta device: no memory, no initialisation)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in LightningDiT(**config).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state_dict.items()}
+    problems = [f"missing {k}" for k in expected if k not in found]
+    problems += [f"unexpected {k}" for k in found if k not in expected]
+    problems += [f"{k}: expected shape {expected[k]}, found {found[k]}"
+                 for k in expected if k in found and expected[k] != found[k]]
+    if problems:
+        raise ValueError(f"LightningDiT state dict does not fit the config {config}: {'; '.join(problems[:10])}")
 
 
 def load_lightningdit_checkpoint(path, model_name: str = None, use_ema: bool = True):
