@@ -10,7 +10,7 @@ to the MSE (its use_cosine_loss).
 Sampling (its inference.py): Euler on the ODE over the grid s_i = linspace(0, 1, N), shifted as
 s <- k s / (1 + (k - 1) s) with timestep_shift k (0.3: more steps near noise), so N - 1 network evaluations;
 guidance on the first 3 channels only, and only where s >= cfg_interval_start. In our time the shift is
-t <- t / (k + (1 - k) t), the SD3 shift (Esser et al. 2024, eq. 23) with the fixed factor 1 / k, on linspace(1, 0, N),
+t <- t / (t + k (1 - t)), the SD3 shift (Esser et al. 2024, eq. 23) with the fixed factor 1 / k, on linspace(1, 0, N),
 and the guidance interval is t <= 1 - cfg_interval_start: OmegaDiT's 'euler' sampler with num_steps = N - 1 and
 GuidedNetwork(channels=3, interval=(0, 1 - cfg_interval_start)).
 """
@@ -27,9 +27,9 @@ RELEASED_SAMPLING = dict(num_sampling_steps=250, cfg_scale=6.7, cfg_interval_sta
 
 
 def timestep_shift(t: torch.Tensor, factor: float) -> torch.Tensor:
-    """LightningDiT's timestep shift in our time: t / (factor + (1 - factor) t). Fixed points 0 and 1; a factor
-    below 1 moves times towards the noise end (t = 1)."""
-    return t / (factor + (1 - factor) * t)
+    """LightningDiT's timestep shift in our time: t / (t + factor (1 - t)). Fixed points 0 and 1 (exactly); a
+    factor below 1 moves times towards the noise end (t = 1)."""
+    return t / (t + factor * (1 - t))
 
 
 @OBJECTIVES.register("lightningdit-flow")
