@@ -15,3 +15,4 @@ def build_objective(name: str, **config):
 
 
 from omegadit.objectives import auxiliary, flow  # noqa: E402,F401  (register)
+from omegadit.objectives import lightningdit  # noqa: E402,F401  (registers LightningDiT's flow matching)
