@@ -18,18 +18,19 @@ from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from loss import SILoss
+from loss import TrainingLoss
 from models.repa_encoders import build_repa_encoder
 from models.sit import SiT_models
-from samplers import SAMPLERS
+from omegadit.objectives.auxiliary import ContrastiveFlowMatching, RepaLoss
+from omegadit.objectives.flow import FlowMatching
+from samplers import FLOW_SAMPLERS
 from train import compile_for_training, forward_backward, optimizer_step
 from utils import lr_lambda
 
 LATENT = (32, 16, 16)
 TEXT = (77, 768)
 RESOLUTION = 256
-RECIPE = Namespace(proj_coeff=0.5, cfm_coeff=0.05, gradient_accumulation_steps=1, max_grad_norm=1.0,
-                   ema_decay=0.9999)
+RECIPE = Namespace(gradient_accumulation_steps=1, max_grad_norm=1.0, ema_decay=0.9999)
 
 
 def timed(fn, warmup, iters):
@@ -47,7 +48,7 @@ def timed(fn, warmup, iters):
 def build_sit(compile_mode, checkpointing=False):
     """SiT-B/1 on the GPU; compile_mode: False (eager), 'blocks' (each block compiled) or 'model' (whole forward)."""
     model = SiT_models["SiT-B/1"](input_size=LATENT[1], in_channels=LATENT[0], text_dim=TEXT[1], z_dims=[768])
-    model.gradient_checkpointing = checkpointing
+    model.set_gradient_checkpointing(checkpointing)
     if compile_mode == "model":
         compile_for_training(model, [])
     elif compile_mode:
@@ -71,7 +72,8 @@ def training_setup(compile_mode, checkpointing=False):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("constant", 0, 1))
     model, optimizer = accelerator.prepare(model, optimizer)
-    loss_fn = SILoss(path_type="linear", cfm_weighting="uniform", apply_time_shift=True)
+    loss_fn = TrainingLoss(FlowMatching(time_shifting=True), {"proj": (RepaLoss(), 0.5),
+                                                              "cfm": (ContrastiveFlowMatching(), 0.05)})
     return accelerator, model, ema, optimizer, scheduler, loss_fn
 
 
@@ -126,8 +128,8 @@ def model_flops_per_image(batch=8):
     y = torch.randn(batch, *TEXT, device="cuda")
     counter = FlopCounterMode(display=False)
     with counter:
-        out, zs = model(latents, t, y)
-        (out.square().mean() + zs[0].square().mean()).backward()
+        out, aux = model(latents, t, y)
+        (out.square().mean() + aux["repa"][0].square().mean()).backward()
     return counter.get_total_flops() / batch
 
 
@@ -139,7 +141,7 @@ def sampling_bench(mode, batch, bf16, compile_mode, steps=50, cfg=4.0):
 
     def run():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            SAMPLERS[mode](model, noise, y, num_steps=steps, cfg_scale=cfg, y_null=y_null, time_shifting=True,
+            FLOW_SAMPLERS[mode](model, noise, y, num_steps=steps, cfg_scale=cfg, y_null=y_null, time_shifting=True,
                            generator=torch.Generator("cuda").manual_seed(0))
 
     seconds = timed(run, 2, 3)
@@ -176,7 +178,6 @@ def numerics_check(batch=16):
     fast = build_sit("model")
     fast.load_state_dict(reference.state_dict())
     for m in (reference, fast):
-        m.cfg_prob = 0.0
         m.path_drop_prob = 0.0
     latents = torch.randn(batch, *LATENT, device="cuda")
     t = torch.rand(batch, device="cuda")

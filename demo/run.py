@@ -150,7 +150,7 @@ def train(s, work):
     print("    REPA is off (--enc-type none): no DINOv2 weights are needed offline; the projection loss is 0",
           flush=True)
     args = ["--exp-name", EXP_NAME, "--output-dir", work / "exps", "--data-dir", work / "data",
-            "--use-json-dataset", "--clip-model-id", "minilm", "--tokenizer", f"pixel:{s['patch']}",
+            "--use-json-dataset", "--text-encoder", "minilm", "--tokenizer", f"pixel:{s['patch']}",
             "--text-len", s["text_len"], "--enc-type", "none", "--model", s["model"], "--batch-size", s["batch_size"],
             "--num-workers", s["num_workers"], "--max-train-steps", s["steps"], "--checkpointing-steps", s["steps"],
             "--log-every", s["log_every"], "--learning-rate", s["learning_rate"],

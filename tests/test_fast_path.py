@@ -21,17 +21,16 @@ def velocity_and_gradients(model, x, t, y, bf16):
     """The velocity and the gradient of every parameter for a loss that touches both outputs."""
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        velocity, projections = model(x, t, y)
-    loss = velocity.float().square().mean() + sum(z.float().square().mean() for z in projections)
+        velocity, aux = model(x, t, y)
+    loss = velocity.float().square().mean() + sum(z.float().square().mean() for z in aux["repa"])
     loss.backward()
     gradients = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     return velocity.detach(), gradients
 
 
 def deterministic_training_model():
-    """A tiny text SiT in training mode with the random parts (caption dropout, path drop) switched off."""
+    """A tiny text SiT in training mode with its random part (path drop) switched off."""
     model = tiny_text_sit().train()
-    model.cfg_prob = 0.0
     model.path_drop_prob = 0.0
     return model
 
