@@ -26,7 +26,7 @@ from omegadit.conditioners import DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassC
 from omegadit.objectives import AUX_LOSSES, OBJECTIVES
 from omegadit.options import accepted_options, explicit_options
 from omegadit.run_state import find_resume_dir, load_checkpoint, save_checkpoint
-from utils import ResumableBatchSampler, lr_lambda, parse_with_config, update_ema, write_json
+from utils import ResumableBatchSampler, ema_decay_at, lr_lambda, parse_with_config, update_ema, write_json
 
 BACKBONE_OPTIONS = ("qk_norm", "sprint_drop_ratio", "path_drop_prob", "projector_dim")
 OBJECTIVE_OPTIONS = ("path_type", "weighting", "time_shifting", "shift_base")
@@ -80,6 +80,8 @@ def build_parser():
     g.add_argument("--adam-epsilon", type=float, default=1e-8)
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global grad norm (0: off)")
     g.add_argument("--ema-decay", type=float, default=0.9999)
+    g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="EMA decay min(decay, (1+n)/(10+n)) at step n")
     g.add_argument("--gradient-accumulation-steps", type=int, default=1)
     g.add_argument("--mixed-precision", default="fp16", choices=["no", "fp16", "bf16"])
     g.add_argument("--allow-tf32", action="store_true")
@@ -321,7 +323,7 @@ def main(args):
                 parts = forward_backward(accelerator, model, loss_fn, latents, y, targets, args, sync)
                 sums = parts if sums is None else sums + parts
                 non_finite |= ~torch.isfinite(parts[0])
-            grad_norm = optimizer_step(accelerator, model, ema, optimizer, scheduler, args)
+            grad_norm = optimizer_step(accelerator, model, ema, optimizer, scheduler, args, step)
             step += 1
             window_steps += 1
             progress.update(1)
@@ -370,13 +372,17 @@ def forward_backward(accelerator, model, loss_fn, latents, y, targets, args, syn
     return torch.stack([loss.detach().float(), *terms.values()])
 
 
-def optimizer_step(accelerator, model, ema, optimizer, scheduler, args):
-    """Clip, step the optimizer and the schedule, update the EMA; returns the grad norm as a device tensor."""
+def optimizer_step(accelerator, model, ema, optimizer, scheduler, args, step):
+    """Clip, step the optimizer and the schedule, update the EMA (of `step` steps before this one); returns the
+    grad norm as a device tensor. Parameters the backbone did not use in this step are left untouched."""
+    raw = accelerator.unwrap_model(model)
+    for parameter in raw.take_unused_parameters():
+        parameter.grad = None
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    update_ema(ema, accelerator.unwrap_model(model), args.ema_decay)
+    update_ema(ema, raw, ema_decay_at(step, args.ema_decay, args.ema_warmup))
     return grad_norm
 
 

@@ -43,6 +43,12 @@ def parse_with_config(parser, argv=None):
 # Training helpers
 # ------------------------------------------------------------------------------------------------------------------
 
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """EMA decay for the update after `step` optimizer steps: `decay`, or with warm-up min(decay, (1 + step) /
+    (10 + step)), so that the average of a short run is not dominated by its random initial weights."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
 @torch.no_grad()
 def update_ema(ema_model, model, decay):
     """ema <- decay * ema + (1 - decay) * model, over trainable parameters; buffers are copied."""

@@ -30,7 +30,7 @@ from utils import lr_lambda
 LATENT = (32, 16, 16)
 TEXT = (77, 768)
 RESOLUTION = 256
-RECIPE = Namespace(gradient_accumulation_steps=1, max_grad_norm=1.0, ema_decay=0.9999)
+RECIPE = Namespace(gradient_accumulation_steps=1, max_grad_norm=1.0, ema_decay=0.9999, ema_warmup=False)
 
 
 def timed(fn, warmup, iters):
@@ -86,7 +86,7 @@ def sit_training_step(batch, compile_mode, checkpointing=False):
 
     def step():
         forward_backward(accelerator, model, loss_fn, latents, y, zs, RECIPE)
-        optimizer_step(accelerator, model, ema, optimizer, scheduler, RECIPE)
+        optimizer_step(accelerator, model, ema, optimizer, scheduler, RECIPE, 0)
     return step
 
 
@@ -113,7 +113,7 @@ def full_step_bench(batch, compile_mode, checkpointing=False, warmup=5, iters=20
             zs = [dino(images)]
             y = clip(token_ids, output_hidden_states=True).hidden_states[-2]
         forward_backward(accelerator, model, loss_fn, latents, y, zs, RECIPE)
-        optimizer_step(accelerator, model, ema, optimizer, scheduler, RECIPE)
+        optimizer_step(accelerator, model, ema, optimizer, scheduler, RECIPE, 0)
 
     torch.cuda.reset_peak_memory_stats()
     seconds = timed(step, warmup + (10 if compile_mode else 0), iters)

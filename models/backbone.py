@@ -60,6 +60,11 @@ class Backbone(nn.Module):
             return list(self.blocks)
         return [self]
 
+    def take_unused_parameters(self) -> list:
+        """Parameters that the training forwards since the last call did not use: their (zero) gradients are
+        dropped before the optimizer step so that momentum does not move them. None by default."""
+        return []
+
     def seed_training_rng(self, seed: int):
         """Seed the backbone's own training-time randomness (none by default)."""
 

@@ -218,6 +218,7 @@ class SiT(Backbone):
         self.path_drop_prob = path_drop_prob
         self.z_dims = list(z_dims)
         self.path_drop_generator = torch.Generator().manual_seed(0)
+        self._mask_token_used = False
 
         self.x_embedder = nn.Module()
         self.x_embedder.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
@@ -268,6 +269,9 @@ class SiT(Backbone):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         self.apply(basic_init)
+        for block in self.blocks:
+            for projection in block.attn.qkv.weight.chunk(3, dim=0):
+                nn.init.xavier_uniform_(projection)  # q, k and v as three (dim, dim) layers, as the original
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -327,7 +331,17 @@ class SiT(Backbone):
     def _draw_path_drop(self):
         """One draw from the model's own CPU generator: the same on every rank (same seed), no device sync.
         Kept out of torch.compile graphs, which would otherwise break on the Python bool with a warning."""
-        return bool(torch.rand((), generator=self.path_drop_generator) < self.path_drop_prob)
+        dropped = bool(torch.rand((), generator=self.path_drop_generator) < self.path_drop_prob)
+        self._mask_token_used = self._mask_token_used or dropped
+        return dropped
+
+    def take_unused_parameters(self):
+        """[mask_token] when no training forward since the last call used it (no path drop, no SPRINT token
+        drop): its gradient is then an exact zero that must not move it through Adam's momentum, as it did not
+        in the original (where it was outside the graph on such steps). Resets the record."""
+        used = self._mask_token_used or self.sprint_drop_ratio > 0
+        self._mask_token_used = False
+        return [] if used else [self.mask_token]
 
     def forward(self, x, t, y, uncond=False):
         """x (N, C, H, W) noisy latents, t (N,) times in [0, 1], y captions (N, text_len, text_dim) or labels (N,).
