@@ -6,7 +6,9 @@ fixed variance it is also U-ViT's (Bao et al. 2023) noise-prediction objective.
 Chain: x_i = sqrt(abar_i) x_0 + sqrt(1 - abar_i) eps for timesteps i = 0..T-1, abar_i = prod_{j<=i} (1 - beta_j).
 Time convention: timestep i is objective time t = (i + 1) / T, so t = 1 is the last (noisiest) timestep and t = 0
 the clean data, as every objective here; the network takes the timestep i itself, as a float
-(`network_time(t) = round(t T) - 1`). Training draws i uniformly from {0, .., T-1}, as DiT's train.py does.
+(`network_time(t) = round(t T) - 1`, in training and sampling alike; a network trained on another timestep
+convention, e.g. U-ViT's 1..T, overrides `network_time` only). Training draws i uniformly from {0, .., T-1}, as
+DiT's train.py does.
 
 Loss (ADM's hybrid loss with loss type MSE, as DiT uses it): terms 'mse', the mean squared error of the predicted
 noise, and, with the learned-range variance, 'vb': the variational bound term in bits per dimension, KL(q(x_{i-1} |
@@ -227,7 +229,7 @@ class GaussianDiffusion(Objective):
 
     def network_time(self, t):
         """The timestep index (float) of objective times t = (i + 1) / T; rounded to the grid."""
-        return torch.round(t.double() * self.num_timesteps).float() - 1.0
+        return torch.round(t.float() * self.num_timesteps) - 1.0
 
     def split_output(self, output: torch.Tensor, channels: int):
         """(noise prediction, variance values or None) of a network output for `channels` data channels."""
@@ -252,14 +254,14 @@ class GaussianDiffusion(Objective):
         timesteps = timesteps.to(device=x0.device, dtype=torch.long)
         if noise is None:
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        time = (timesteps + 1).float() / self.num_timesteps
         x_t = self.chain.q_sample(x0, timesteps, noise)
-        output, aux = model(x_t, timesteps.float(), **model_kwargs)
+        output, aux = model(x_t, self.network_time(time), **model_kwargs)
         eps, variance_values = self.split_output(output.float(), x0.shape[1])
         terms = {"mse": mean_flat((noise - eps) ** 2)}
         if self.learned_variance:
             terms["vb"] = self.chain.vb_bits(x0, x_t, timesteps, eps.detach(), variance_values)
-        time = ((timesteps + 1).to(x0.dtype) / self.num_timesteps).view(-1, *[1] * (x0.ndim - 1))
-        return ObjectiveOutput(terms, eps, noise, time, aux)
+        return ObjectiveOutput(terms, eps, noise, time.to(x0.dtype).view(-1, *[1] * (x0.ndim - 1)), aux)
 
     def respaced(self, spacing) -> DiffusionChain:
         """The chain a sampler walks for an ADM respacing spec ('250', 'ddim50', '10,20'; see space_timesteps).
