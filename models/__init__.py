@@ -20,5 +20,4 @@ def rebuild_backbone(architecture: str, config: dict):
     return ARCHITECTURES.get(architecture).from_config(config)
 
 
-from models import sit  # noqa: E402,F401  (registers the SiT family)
-from models import lightningdit  # noqa: E402,F401  (registers the LightningDiT family)
+from models import dit, lightningdit, sit  # noqa: E402,F401  (register the backbone families)
