@@ -19,12 +19,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from omegadit import checkpoint
+from omegadit.importers import IMPORTERS
 from omegadit.prompts import read_prompts
 from omegadit.sampling import SAMPLERS, check_sampler
 from omegadit.sampling.guidance import GuidedNetwork
 from utils import image_grid, parse_with_config
 
-MODES = {"sde": "sde", "ode": "euler"}
+SAMPLING_FALLBACKS = {"num_steps": 50, "cfg_scale": 4.0, "guidance_low": 0.0, "guidance_high": 1.0}
 
 
 def parse_args(argv=None):
@@ -32,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--config", help="YAML file whose keys are flags of this script")
     p.add_argument("--ckpt", required=True,
                    help="checkpoint directory of train.py, a model .safetensors, or a .pt of the original train.py")
+    p.add_argument("--ckpt-format", default=None, choices=IMPORTERS.names(),
+                   help="format of a checkpoint released by another project (default: detected from its keys)")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA")
     p.add_argument("--sample-dir", default="samples")
     p.add_argument("--name", default=None, help="output name (default: derived from checkpoint and settings)")
@@ -46,12 +49,12 @@ def parse_args(argv=None):
     g = p.add_argument_group("sampler")
     g.add_argument("--sampler", default=None, choices=SAMPLERS.names(),
                    help="default: from --mode, else the checkpoint's objective's own")
-    g.add_argument("--mode", default=None, choices=sorted(MODES), help="flow models: sde (Euler-Maruyama) or ode")
+    g.add_argument("--mode", default=None, choices=["sde", "ode"], help="flow models: sde (Euler-Maruyama) or ode")
     g.add_argument("--heun", action="store_true", help="ODE mode: Heun's second-order method instead of Euler")
-    g.add_argument("--num-steps", type=int, default=50)
-    g.add_argument("--cfg-scale", type=float, default=4.0)
-    g.add_argument("--guidance-low", type=float, default=0.0)
-    g.add_argument("--guidance-high", type=float, default=1.0)
+    g.add_argument("--num-steps", type=int, default=None, help="default: the checkpoint's, else 50")
+    g.add_argument("--cfg-scale", type=float, default=None, help="default: the checkpoint's, else 4.0")
+    g.add_argument("--guidance-low", type=float, default=None, help="default: the checkpoint's, else 0")
+    g.add_argument("--guidance-high", type=float, default=None, help="default: the checkpoint's, else 1")
     g.add_argument("--path-drop", action="store_true", help="path drop in the unconditional branch of guidance")
     g.add_argument("--time-shifting", action=argparse.BooleanOptionalAction, default=None,
                    help="shift the time grid (default: as in training)")
@@ -75,15 +78,22 @@ def parse_args(argv=None):
 # Loading
 # ------------------------------------------------------------------------------------------------------------------
 
-def sampler_name(args, objective) -> str:
-    """--sampler, else --mode (sde, or ode: euler / heun), else the objective's default."""
+def sampler_name(args, objective, defaults) -> str:
+    """--sampler, else --mode (sde, or ode: euler / heun), else the checkpoint's, else the objective's default."""
     if args.sampler:
         return args.sampler
     if args.mode == "ode":
         return "heun" if args.heun else "euler"
     if args.mode == "sde":
         return "sde"
-    return objective.default_sampler
+    return defaults.get("sampler") or objective.default_sampler
+
+
+def fill_sampling_defaults(args, defaults):
+    """Sampling flags not given take the checkpoint's recorded defaults, else SAMPLING_FALLBACKS."""
+    for key, fallback in SAMPLING_FALLBACKS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, defaults.get(key, fallback))
 
 
 def apply_overrides(loaded, args):
@@ -133,11 +143,12 @@ def main(args):
     # Without cpu=True, accelerate leaves CPU-only processes started by torchrun undistributed: each would sample all.
     state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = state.device
-    loaded = checkpoint.load(args.ckpt, use_ema=not args.no_ema)
+    loaded = checkpoint.load(args.ckpt, use_ema=not args.no_ema, source_format=args.ckpt_format)
     model = loaded.model.to(device)
     objective = apply_overrides(loaded, args)
     defaults = loaded.description.get("sampling", {})
-    sampler = sampler_name(args, objective)
+    fill_sampling_defaults(args, defaults)
+    sampler = sampler_name(args, objective, defaults)
     sample_fn = check_sampler(sampler, objective)
     conditions, total = conditions_for(args, model)
     decode = build_decoder(args, loaded, device)
@@ -196,6 +207,11 @@ def build_decoder(args, loaded, device):
     if stats is None:
         raise FileNotFoundError(f"{args.ckpt} records no latent statistics and its training data folder is gone: "
                                 f"pass --latent-stats <data-dir>/vae-in/latents_stats.pt of the training data")
+    channels = loaded.model.latent_shape[0]
+    if stats[0].shape[0] != channels:
+        source = args.latent_stats or f"the statistics recorded in {args.ckpt}"
+        raise ValueError(f"{source} has statistics for {stats[0].shape[0]} latent channels; the model denoises "
+                         f"{channels}")
     tokenizer = load_tokenizer(args.tokenizer or loaded.autoencoder, device=device, ckpt_path=args.vae_ckpt)
     return LatentDecoder(tokenizer, *stats)
 

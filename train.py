@@ -249,7 +249,8 @@ def main(args):
     objective = build_objective(args, model)
     loss_fn = build_loss(args, objective)
     description = checkpoint.describe(args.model, model, objective, conditioner, args.tokenizer,
-                                      (dataset.latent_mean, dataset.latent_std), {"sampler": objective.default_sampler})
+                                      (dataset.latent_mean, dataset.latent_std),
+                                      {"sampler": objective.default_sampler, **model.sampling_defaults})
     if args.init_from:
         checkpoint.load_state_dict_checked(model, checkpoint.load(args.init_from).model.state_dict(), args.init_from,
                                            args.model)

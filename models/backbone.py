@@ -21,6 +21,7 @@ class Backbone(nn.Module):
 
     architecture: str = ""
     default_objective: str = "flow"
+    sampling_defaults: dict = {}  # generate.py's defaults for this family (sampler, num_steps, cfg_scale, guidance_*)
 
     def __init__(self):
         super().__init__()

@@ -11,7 +11,6 @@ takes the discrete diffusion timestep (0..999) as a float tensor; see omegadit/o
 The module keeps DiT's parameter names, so converting a DiT state dict only strips wrapper prefixes and checks it.
 """
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 from models import ARCHITECTURES, BACKBONES
 from models.backbone import Backbone
+from omegadit.weights_io import read_weights_file, strip_wrapper_prefixes
 from models.pos_embed import sincos_2d
 from models.sit import LabelEmbedder, TimestepEmbedder, modulate
 
@@ -29,7 +29,6 @@ SIZES = {
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
 }
 PATCH_SIZES = (2, 4, 8)
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 SD_VAE_SCALE = 0.18215
 
 
@@ -115,6 +114,8 @@ class DiT(Backbone):
 
     architecture = "dit"
     default_objective = "gaussian"
+    # DiT's sample.py: 250 DDPM steps; guidance on the first three channels (the FID-best scale of the paper is 1.5).
+    sampling_defaults = {"sampler": "ddpm", "num_steps": 250, "cfg_scale": 1.5, "guidance_channels": 3}
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, num_classes=1000, learn_sigma=True):
@@ -197,17 +198,6 @@ for _name, _build in DiT_models.items():
 # DiT checkpoints: released weights (a bare state dict) and DiT train.py checkpoints ({'model', 'ema', 'opt', 'args'})
 # ------------------------------------------------------------------------------------------------------------------
 
-def strip_wrappers(state_dict):
-    """The state dict without DDP ('module.') and torch.compile ('_orig_mod.') key prefixes."""
-    stripped = {}
-    for key, value in state_dict.items():
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        stripped[key] = value
-    return stripped
-
-
 def dit_model_name(config):
     """'DiT-XL/2' etc. for a config of one of the DiT sizes, else None."""
     for size, dims in SIZES.items():
@@ -237,7 +227,7 @@ def _num_heads(hidden_size, depth, num_heads):
 def infer_dit_config(state_dict, num_heads=None):
     """DiT constructor kwargs read off the tensor shapes of a DiT state dict. The head count is that of the
     matching DiT size (S, B, L, XL); other widths and depths need `num_heads`."""
-    state_dict = strip_wrappers(state_dict)
+    state_dict = strip_wrapper_prefixes(state_dict)
     hidden, in_channels, patch, _ = _require(state_dict, "x_embedder.proj.weight").shape
     depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
     tokens = _require(state_dict, "pos_embed").shape[1]
@@ -256,7 +246,7 @@ def infer_dit_config(state_dict, num_heads=None):
 def convert_dit_state_dict(state_dict, config):
     """A DiT state dict in our layout for a DiT built from `config`: wrapper prefixes stripped, then every key and
     shape checked against the model; a mismatch raises a ValueError naming the expected and found entries."""
-    state_dict = strip_wrappers(state_dict)
+    state_dict = strip_wrapper_prefixes(state_dict)
     with torch.device("meta"):
         expected = {key: tuple(value.shape) for key, value in DiT(**config).state_dict().items()}
     found = {key: tuple(value.shape) for key, value in state_dict.items()}
@@ -270,27 +260,6 @@ def convert_dit_state_dict(state_dict, config):
     return state_dict
 
 
-def _read_weights(path, use_ema):
-    """The state dict in a .safetensors or .pt file: bare, or the 'ema' (else 'model') entry of a DiT train.py
-    checkpoint, whose 'args' (an argparse.Namespace) is admitted by the weights-only unpickler."""
-    import argparse
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a DiT state dict or checkpoint dict")
-    if "model" in checkpoint or "ema" in checkpoint:
-        key = "ema" if use_ema and "ema" in checkpoint else "model"
-        if key not in checkpoint:
-            raise ValueError(f"{path} has no '{key}' entry; keys are {sorted(checkpoint)}")
-        return checkpoint[key]
-    return checkpoint
-
-
 def read_dit_checkpoint(path, use_ema=True, expected=None, num_heads=None):
     """(architecture 'dit', config, state dict in our layout) of a DiT checkpoint file.
 
@@ -299,7 +268,7 @@ def read_dit_checkpoint(path, use_ema=True, expected=None, num_heads=None):
     (`num_heads` for widths and depths that are no DiT size). `expected`: the model name ('DiT-XL/2') the
     checkpoint must hold, else a ValueError naming both.
     """
-    state_dict = _read_weights(path, use_ema)
+    state_dict, _ = read_weights_file(path, use_ema)
     config = infer_dit_config(state_dict, num_heads)
     name = dit_model_name(config)
     if expected is not None and expected != name:

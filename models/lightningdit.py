@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from models import ARCHITECTURES, BACKBONES
 from models.backbone import Backbone
+from omegadit.weights_io import read_weights_file, strip_wrapper_prefixes
 from models.pos_embed import rope_2d_tables, sincos_2d
 from models.sit import Attention, FinalLayer, LabelEmbedder, RMSNorm, SwiGLU, TimestepEmbedder
 
@@ -28,7 +29,6 @@ SIZES = {
 }
 PATCH_SIZES = (1, 2)
 FIXED_TABLES = ("pos_embed", "feat_rope.freqs_cos", "feat_rope.freqs_sin")
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def swiglu_hidden(hidden_size: int, mlp_ratio: float) -> int:
@@ -75,6 +75,9 @@ class LightningDiT(Backbone):
 
     architecture = "lightningdit"
     default_objective = "lightningdit-flow"
+    # Its inference.py (ImageNet 256, XL/1): 250 grid points, guidance 6.7 on 3 channels where its s >= 0.125.
+    sampling_defaults = {"sampler": "euler", "num_steps": 249, "cfg_scale": 6.7, "guidance_low": 0.0,
+                         "guidance_high": 0.875, "guidance_channels": 3}
 
     def __init__(self, input_size=16, patch_size=1, in_channels=32, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, num_classes=1000, qk_norm=False, wo_shift=False, learn_sigma=False):
@@ -166,17 +169,6 @@ for _name, _build in LightningDiT_models.items():
 # LightningDiT's checkpoints
 # ------------------------------------------------------------------------------------------------------------------
 
-def strip_wrappers(state_dict: dict) -> dict:
-    """Keys without the DDP ('module.') and torch.compile ('_orig_mod.') prefixes."""
-    stripped = {}
-    for key, value in state_dict.items():
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        stripped[key] = value
-    return stripped
-
-
 def infer_config(state_dict: dict) -> dict:
     """Constructor kwargs of the LightningDiT that wrote `state_dict` (its key layout), read from tensor shapes.
 
@@ -228,7 +220,7 @@ def _mlp_ratio(hidden, swiglu):
 def convert_lightningdit_state_dict(state_dict: dict, config: dict) -> dict:
     """LightningDiT's state dict in our layout: wrapper prefixes stripped, its RoPE tables dropped after checking
     that they equal ours (the position embedding is kept: it is part of our state dict too)."""
-    state = strip_wrappers(state_dict)
+    state = strip_wrapper_prefixes(state_dict)
     grid = config["input_size"] // config["patch_size"]
     ours = dict(zip(FIXED_TABLES, (sincos_2d(config["hidden_size"], grid)[None],
                                    *rope_2d_tables(config["hidden_size"] // config["num_heads"], grid))))
@@ -239,43 +231,13 @@ def convert_lightningdit_state_dict(state_dict: dict, config: dict) -> dict:
     return {k: v for k, v in state.items() if not k.startswith("feat_rope.")}
 
 
-def read_state_dict(path, use_ema: bool = True) -> dict:
-    """The weights in a LightningDiT checkpoint file: a .pt read with weights_only=True, or a .safetensors file;
-    either a bare state dict or one with 'ema' and/or 'model' entries (in .safetensors, 'ema.'/'model.' key
-    prefixes), 'ema' preferred when use_ema."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        ckpt = _nest_prefixed(load_file(str(path)))
-    else:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: expected a state dict or a dict with 'model'/'ema', got {type(ckpt).__name__}")
-    for key in ("ema", "model") if use_ema else ("model", "ema"):
-        if key in ckpt:
-            return ckpt[key]
-    if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return ckpt
-    raise ValueError(f"{path}: no 'model' or 'ema' entry and not a bare state dict; keys are {sorted(ckpt)[:10]}")
-
-
-def _nest_prefixed(tensors: dict) -> dict:
-    """{'ema': {...}, 'model': {...}} from the 'ema.*'/'model.*' keys of a flat file; the file as is without them."""
-    nested = {}
-    for entry in ("ema", "model"):
-        part = {k[len(entry) + 1:]: v for k, v in tensors.items() if k.startswith(f"{entry}.")}
-        if part:
-            nested[entry] = part
-    return nested or tensors
-
-
 def from_lightningdit(state_dict: dict, expected: dict = None):
     """(architecture, config, state dict in our layout) of LightningDiT weights in its key layout.
 
     `expected`: constructor kwargs the weights must match (e.g. those of 'LightningDiT-XL/1'); a mismatch is a
     ValueError naming the expected and the found values.
     """
-    state = strip_wrappers(state_dict)
+    state = strip_wrapper_prefixes(state_dict)
     config = infer_config(state)
     if expected:
         wrong = {k: (v, config.get(k)) for k, v in expected.items() if config.get(k) != v}
@@ -302,7 +264,7 @@ def check_state_dict(state_dict: dict, config: dict):
 
 
 def load_lightningdit_checkpoint(path, model_name: str = None, use_ema: bool = True):
-    """(architecture, config, state dict in our layout) of a LightningDiT checkpoint file (see `read_state_dict`).
+    """(architecture, config, state dict in our layout) of a LightningDiT checkpoint file (see `omegadit.weights_io.read_weights_file`).
 
     `model_name` (e.g. 'LightningDiT-XL/1') checks the weights against that size and patch size; the rest of the
     config (input size, channels, classes, qk_norm, wo_shift, learn_sigma) is read from the weights.
@@ -313,7 +275,7 @@ def load_lightningdit_checkpoint(path, model_name: str = None, use_ema: bool = T
             raise ValueError(f"unknown LightningDiT model {model_name!r}; known: {', '.join(LightningDiT_models)}")
         size, patch = model_name.split("-", 1)[1].split("/")
         expected = dict(patch_size=int(patch), **SIZES[size])
-    return from_lightningdit(read_state_dict(path, use_ema), expected)
+    return from_lightningdit(read_weights_file(path, use_ema)[0], expected)
 
 
 def build_from_checkpoint(path, model_name: str = None, use_ema: bool = True) -> LightningDiT:

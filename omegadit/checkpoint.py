@@ -12,8 +12,8 @@ needs besides the weights:
      "sampling": {"sampler": "sde", "num_steps": 50, ...}}  # defaults generate.py starts from
 
 so that `load(path)` rebuilds the network, the objective and the conditioner with no training folder around.
-Files written before this format (metadata "config" only, with args.json beside) and checkpoints of the original
-OmegaDiT train.py (.pt) still load.
+Files written before this format (metadata "config" only, with args.json beside) still load, and so do the
+checkpoints other projects released (omegadit/importers.py).
 """
 import json
 from pathlib import Path
@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from models import rebuild_backbone
 from omegadit.conditioners import DEFAULT_TEXT_ENCODER, build_conditioner
 from omegadit.objectives import build_objective
+from omegadit.weights_io import read_weights_file
 
 FORMAT = 1
 META_KEY = "omegadit"
@@ -141,18 +142,23 @@ def weights_file(path, use_ema: bool = True) -> Path:
     return path
 
 
-def load(path, use_ema: bool = True) -> Loaded:
-    """Load a checkpoint directory, a weights .safetensors, or a .pt of the original OmegaDiT train.py."""
-    path = Path(path)
-    if path.suffix in (".pt", ".pth"):
-        return _load_reference(path, use_ema)
+def load(path, use_ema: bool = True, source_format: Optional[str] = None) -> Loaded:
+    """Load a checkpoint directory or weights file of train.py (today's or an older one), or a checkpoint another
+    project released (omegadit/importers.py: DiT, LightningDiT, U-ViT, the original OmegaDiT), its format
+    detected from its keys unless `source_format` names it."""
     weights = weights_file(path, use_ema)
-    if weights.suffix != ".safetensors":
-        raise ValueError(f"{weights}: expected a checkpoint directory, a .safetensors or a .pt file")
-    description = read_description(weights)
-    if description is None:
-        description = _legacy_description(weights)
-    return build(description, load_weights(weights), weights)
+    if weights.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
+        raise ValueError(f"{weights}: expected a checkpoint directory, a .safetensors, .pt or .pth file")
+    if weights.suffix == ".safetensors" and source_format is None:
+        metadata = read_metadata(weights)
+        if META_KEY in metadata or "config" in metadata:
+            description = read_description(weights) or _legacy_description(weights)
+            return build(description, load_weights(weights), weights)
+    from omegadit.importers import import_checkpoint
+
+    state_dict, args = read_weights_file(weights, use_ema)
+    description, converted = import_checkpoint(state_dict, args, source_format)
+    return build(description, converted, weights)
 
 
 def _read_args(weights: Path) -> dict:
@@ -177,10 +183,10 @@ def _legacy_description(weights: Path) -> dict:
     if "config" not in metadata:
         raise ValueError(f"{weights} carries no model description: it was not written by OmegaDiT's train.py")
     config = json.loads(metadata["config"])
-    return _sit_description(config, _read_args(weights))
+    return sit_description(config, _read_args(weights))
 
 
-def _sit_description(config: dict, args: dict) -> dict:
+def sit_description(config: dict, args: dict) -> dict:
     text = config.get("text_dim") is not None
     conditioner = ({"name": "text", "config": {"text_encoder": args.get("clip_model_id") or DEFAULT_TEXT_ENCODER,
                                                "text_len": config.get("text_len", 77)}}
@@ -199,11 +205,3 @@ def _sit_description(config: dict, args: dict) -> dict:
     if stats is not None:
         description["latent_stats"] = stats
     return description
-
-
-def _load_reference(path: Path, use_ema: bool) -> Loaded:
-    """A checkpoint of the original OmegaDiT train.py ({'model', 'ema', 'args'} in a .pt)."""
-    from models.sit import load_reference_checkpoint
-
-    model, args = load_reference_checkpoint(path, use_ema=use_ema)
-    return build(_sit_description(model.config, args), model.state_dict(), path)

@@ -56,3 +56,15 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def add_shape_class_labels(root):
+    """vae-in/dataset.json for a shapes dataset: each image's class is the index of its shape (3 classes)."""
+    import json
+
+    from demo.shapes import SHAPES, parse_caption
+
+    entries = json.loads((Path(root) / "labels.json").read_text())
+    labels = [[f"{e['id']}.npy", SHAPES.index(parse_caption(e["en"])["shape"])] for e in entries]
+    (Path(root) / "vae-in" / "dataset.json").write_text(json.dumps({"labels": labels}))
+    return Path(root)

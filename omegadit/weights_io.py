@@ -1,0 +1,58 @@
+"""Reading weights files of any origin without running code: .safetensors, or .pt/.pth through the
+weights-only unpickler (argparse.Namespace, which training scripts store as 'args', admitted)."""
+import argparse
+from pathlib import Path
+
+import torch
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(state_dict: dict, prefixes=WRAPPER_PREFIXES) -> dict:
+    """Keys without the DDP ('module.') and torch.compile ('_orig_mod.') prefixes."""
+    stripped = {}
+    for key, value in state_dict.items():
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        stripped[key] = value
+    return stripped
+
+
+def load_torch_file(path):
+    """torch.load(path) with weights_only=True; a file that needs code to load is refused, naming the file."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # the unpickler raises UnpicklingError or RuntimeError depending on the cause
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise ValueError(f"refusing to load code from {path}: it is not a plain weights file "
+                             f"({str(err).splitlines()[0][:200]})") from None
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+
+
+def read_weights_file(path, use_ema: bool = True):
+    """(state dict, training args as a dict) of a checkpoint file: a bare state dict, or a dict with 'ema' and/or
+    'model' entries ('ema' preferred when use_ema) and optionally 'args'. In a .safetensors file the entries are
+    key prefixes 'ema.' / 'model.'."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        tensors = load_file(str(path))
+        checkpoint = {entry: {k[len(entry) + 1:]: v for k, v in tensors.items() if k.startswith(entry + ".")}
+                      for entry in ("ema", "model")}
+        checkpoint = {k: v for k, v in checkpoint.items() if v} or tensors
+    else:
+        checkpoint = load_torch_file(path)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict or a checkpoint dict")
+    args = checkpoint.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
+    for key in ("ema", "model") if use_ema else ("model", "ema"):
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key], args
+    if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint, args
+    raise ValueError(f"{path}: no 'model' or 'ema' entry and not a bare state dict; keys are {sorted(checkpoint)[:10]}")
