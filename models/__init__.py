@@ -21,3 +21,4 @@ def rebuild_backbone(architecture: str, config: dict):
 
 
 from models import sit  # noqa: E402,F401  (registers the SiT family)
+from models import uvit  # noqa: E402,F401  (registers the U-ViT family)
