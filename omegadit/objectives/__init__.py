@@ -15,3 +15,4 @@ def build_objective(name: str, **config):
 
 
 from omegadit.objectives import auxiliary, flow  # noqa: E402,F401  (register)
+from omegadit.objectives import uvit  # noqa: E402,F401  (registers 'uvit-eps')
