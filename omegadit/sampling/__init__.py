@@ -32,3 +32,4 @@ def sample(name: str, objective, network, noise, num_steps: int, generator=None,
 
 
 from omegadit.sampling import flow  # noqa: E402,F401  (register)
+from omegadit.sampling import dpm_solver  # noqa: E402,F401  (registers 'dpm-solver')
