@@ -268,12 +268,8 @@ def convert_uvit_state_dict(state_dict: dict) -> dict:
     ...) are stripped; the null context (text models) is not part of U-ViT's checkpoints."""
     converted = {}
     for key, value in state_dict.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
+        while key.startswith(_PREFIXES):
+            key = key.split(".", 1)[1]
         converted[key] = value
     return converted
 
