@@ -49,6 +49,14 @@ class DiscreteEpsilon(Objective):
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         self.knot_times = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
         self.knot_log_alphas = 0.5 * torch.log(1 - betas).cumsum(dim=0)
+        self._device_tables = {}
+
+    def alphas_cumprod_on(self, device) -> torch.Tensor:
+        """abar_1..abar_N on `device`, copied there once (a copy per step would stall the training loop)."""
+        device = torch.device(device)
+        if device not in self._device_tables:
+            self._device_tables[device] = self.alphas_cumprod.to(device)
+        return self._device_tables[device]
 
     def sample_steps(self, batch: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """(batch,) discrete timesteps n drawn uniformly from 1..N."""
@@ -63,7 +71,7 @@ class DiscreteEpsilon(Objective):
         if noise is None:
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         broadcast = (x0.shape[0],) + (1,) * (x0.ndim - 1)
-        abar = self.alphas_cumprod.to(x0.device)[steps - 1].reshape(broadcast)
+        abar = self.alphas_cumprod_on(x0.device)[steps - 1].reshape(broadcast)
         x_t = (abar.sqrt() * x0 + (1 - abar).sqrt() * noise).to(x0.dtype)
         prediction, aux = model(x_t, steps.to(x0.dtype), **model_kwargs)
         terms = {"denoise": mean_flat((prediction.float() - noise.float()) ** 2)}
