@@ -17,6 +17,7 @@ import torch.nn as nn
 MODELSCOPE_PREFIX = "AI-ModelScope/"
 HUB_MIRRORS = {"AI-ModelScope/CLIP-GmP-ViT-L-14": "zer0int/CLIP-GmP-ViT-L-14"}
 CLIP_MODEL_TYPES = ("clip", "clip_text_model")
+CLIP_OUTPUTS = ("penultimate", "last")  # hidden_states[-2] (OmegaDiT) or last_hidden_state (U-ViT's MS-COCO models)
 MINILM_ALIAS = "minilm"
 
 
@@ -73,8 +74,12 @@ class TextEncoder(nn.Module):
     hidden state computed with the padding mask. Captions are padded/truncated to `max_length` tokens.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, max_length: int = 77, name: str = ""):
+    def __init__(self, model: nn.Module, tokenizer, max_length: int = 77, name: str = "",
+                 clip_output: str = "penultimate"):
         super().__init__()
+        if clip_output not in CLIP_OUTPUTS:
+            raise ValueError(f"clip_output must be one of {CLIP_OUTPUTS}, got {clip_output!r}")
+        self.clip_output = clip_output
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
@@ -87,7 +92,8 @@ class TextEncoder(nn.Module):
         self.eval()
 
     @classmethod
-    def load(cls, model_id_or_path, device="cpu", max_length: int = 77, dtype=torch.float32) -> "TextEncoder":
+    def load(cls, model_id_or_path, device="cpu", max_length: int = 77, dtype=torch.float32,
+             clip_output: str = "penultimate") -> "TextEncoder":
         """Load a frozen encoder from a local dir, 'minilm', a ModelScope id or a hub id (see module docstring)."""
         name = str(model_id_or_path)
         if name == MINILM_ALIAS:
@@ -99,7 +105,7 @@ class TextEncoder(nn.Module):
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"{path.resolve()} has no config.json: it should hold a transformers "
                                         "model (config.json, weights and tokenizer files)")
-            return cls._from_source(str(path), name, device, max_length, dtype)
+            return cls._from_source(str(path), name, device, max_length, dtype, clip_output)
 
         attempts = []
         if name.startswith(MODELSCOPE_PREFIX):
@@ -111,17 +117,17 @@ class TextEncoder(nn.Module):
                 except Exception as err:  # modelscope raises many error types; all mean "not available"
                     attempts.append(f"ModelScope {name}: {type(err).__name__}: {err}")
                 else:
-                    return cls._from_source(local_dir, name, device, max_length, dtype)
+                    return cls._from_source(local_dir, name, device, max_length, dtype, clip_output)
         hub_id = HUB_MIRRORS.get(name, name)
         try:
-            return cls._from_source(hub_id, name, device, max_length, dtype)
+            return cls._from_source(hub_id, name, device, max_length, dtype, clip_output)
         except OSError as err:
             cause = err.__cause__ or err
             attempts.append(f"Hugging Face hub {hub_id}: {type(cause).__name__}: {str(cause).splitlines()[0]}")
         raise FileNotFoundError(_not_found_message(name, attempts))
 
     @classmethod
-    def _from_source(cls, source: str, name: str, device, max_length: int, dtype) -> "TextEncoder":
+    def _from_source(cls, source: str, name: str, device, max_length: int, dtype, clip_output) -> "TextEncoder":
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
 
         try:
@@ -135,7 +141,7 @@ class TextEncoder(nn.Module):
         missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
         if missing:
             raise ValueError(f"text encoder weights in {source} lack {len(missing)} tensors, e.g. {missing[:3]}")
-        return cls(model.to(dtype), tokenizer, max_length=max_length, name=name).to(device)
+        return cls(model.to(dtype), tokenizer, max_length=max_length, name=name, clip_output=clip_output).to(device)
 
     @property
     def dim(self) -> int:
@@ -160,7 +166,7 @@ class TextEncoder(nn.Module):
                                return_tensors="pt")
         if self.is_clip:
             out = self.model(input_ids=batch["input_ids"].to(self.device), output_hidden_states=True)
-            features = out.hidden_states[-2]
+            features = out.hidden_states[-2] if self.clip_output == "penultimate" else out.last_hidden_state
         else:
             features = self.model(**{k: v.to(self.device) for k, v in batch.items()}).last_hidden_state
         return features.float()

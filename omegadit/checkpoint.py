@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from models import rebuild_backbone
 from omegadit.conditioners import DEFAULT_TEXT_ENCODER, build_conditioner
 from omegadit.objectives import build_objective
-from omegadit.weights_io import read_weights_file
+from omegadit.weights_io import load_state_dict_checked, read_weights_file
 
 FORMAT = 1
 META_KEY = "omegadit"
@@ -111,22 +111,6 @@ def build(description: dict, state_dict: dict, source) -> Loaded:
     latent_stats = None if stats is None else tuple(torch.tensor(stats[k]).reshape(-1, 1, 1) for k in ("mean", "std"))
     return Loaded(model.eval(), objective, conditioner, description.get("autoencoder", DEFAULT_AUTOENCODER),
                   latent_stats, description)
-
-
-def load_state_dict_checked(model, state_dict: dict, source, expected: str):
-    """load_state_dict with an error that lists the first mismatches instead of every key."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}"
-              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f"{len(missing)} missing (first: {missing[:3]})" if missing else "",
-                 f"{len(unexpected)} unexpected (first: {unexpected[:3]})" if unexpected else "",
-                 f"{len(shapes)} of another shape (first: {shapes[:3]})" if shapes else ""]
-        raise ValueError(f"{source} does not hold the weights of {expected}: "
-                         f"{'; '.join(p for p in parts if p)}")
-    model.load_state_dict(state_dict)
 
 
 def weights_file(path, use_ema: bool = True) -> Path:

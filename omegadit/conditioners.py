@@ -38,22 +38,24 @@ class Conditioner:
 @CONDITIONERS.register("text")
 class TextConditioner(Conditioner):
     """Captions -> (N, text_len, dim) float32 token features of a frozen text encoder (models/text_encoder.py),
-    run in float32 outside autocast in training and sampling alike. Cached embeddings pass through."""
+    run in float32 outside autocast in training and sampling alike. Cached embeddings pass through.
+    clip_output: which CLIP features ('penultimate' hidden state, OmegaDiT; 'last', U-ViT)."""
 
     kind = "text"
 
     def __init__(self, text_encoder: str = DEFAULT_TEXT_ENCODER, text_len: int = DEFAULT_TEXT_LEN,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, clip_output: str = "penultimate"):
         if text_len < 1:
             raise ValueError(f"text_len must be >= 1, got {text_len}")
-        super().__init__(dropout, text_encoder=text_encoder, text_len=text_len)
+        super().__init__(dropout, text_encoder=text_encoder, text_len=text_len, clip_output=clip_output)
         self.text_len = text_len
         self.encoder = None
 
     def load(self, device, name=None):
         """Load the text encoder (`name` overrides the recorded one); returns self."""
         from models.text_encoder import TextEncoder
-        self.encoder = TextEncoder.load(name or self.config["text_encoder"], device=device, max_length=self.text_len)
+        self.encoder = TextEncoder.load(name or self.config["text_encoder"], device=device, max_length=self.text_len,
+                                        clip_output=self.config["clip_output"])
         return self
 
     @property

@@ -4,6 +4,8 @@ Each importer turns a state dict in its project's layout into (description, stat
 description names the backbone, the project's objective, a class conditioner, its autoencoder, latent statistics
 where they are fixed, and its sampling defaults (see omegadit/checkpoint.py).
 """
+import torch
+
 from omegadit.registry import Registry
 from omegadit.weights_io import strip_wrapper_prefixes
 
@@ -12,10 +14,13 @@ SD_VAE = "stabilityai/sd-vae-ft-ema"
 VAVAE = "vavae:tokenizer/configs/vavae_f16d32_vfdinov2.yaml"
 
 
-def _class_description(name, architecture, config, objective, autoencoder, sampling, latent_stats=None):
+def _class_conditioner(config):
+    return {"name": "class", "config": {"num_classes": config["num_classes"]}}
+
+
+def _description(name, architecture, config, objective, conditioner, autoencoder, sampling, latent_stats=None):
     description = {"format": 1, "backbone": {"name": name, "architecture": architecture, "config": config},
-                   "objective": objective,
-                   "conditioner": {"name": "class", "config": {"num_classes": config["num_classes"]}},
+                   "objective": {"name": objective, "config": {}}, "conditioner": conditioner,
                    "autoencoder": autoencoder, "sampling": sampling}
     if latent_stats is not None:
         mean, std = latent_stats
@@ -29,9 +34,8 @@ def import_dit(state_dict, args):
     from models.dit import DiT, convert_dit_state_dict, dit_latent_stats, dit_model_name, infer_dit_config
 
     config = infer_dit_config(state_dict)
-    description = _class_description(dit_model_name(config) or "DiT", "dit", config,
-                                     {"name": "gaussian", "config": {}}, SD_VAE, dict(DiT.sampling_defaults),
-                                     dit_latent_stats(config["in_channels"]))
+    description = _description(dit_model_name(config) or "DiT", "dit", config, "gaussian", _class_conditioner(config),
+                               SD_VAE, dict(DiT.sampling_defaults), dit_latent_stats(config["in_channels"]))
     return description, convert_dit_state_dict(state_dict, config)
 
 
@@ -42,9 +46,31 @@ def import_lightningdit(state_dict, args):
     from models.lightningdit import LightningDiT, from_lightningdit
 
     _, config, converted = from_lightningdit(state_dict)
-    description = _class_description("LightningDiT", "lightningdit", config,
-                                     {"name": "lightningdit-flow", "config": {}}, VAVAE,
-                                     dict(LightningDiT.sampling_defaults))
+    description = _description("LightningDiT", "lightningdit", config, "lightningdit-flow",
+                               _class_conditioner(config), VAVAE, dict(LightningDiT.sampling_defaults))
+    return description, converted
+
+
+@IMPORTERS.register("uvit")
+def import_uvit(state_dict, args):
+    """baofff/U-ViT: ImageNet (class) and MS-COCO (77 CLIP-L tokens, last hidden state) nnet.pth files; SD-VAE
+    latents x 0.18215. The MS-COCO null context (the empty caption's features) is not in those files: it starts at
+    zero here (see models/uvit.py set_null_context)."""
+    from models.dit import dit_latent_stats
+    from models.uvit import UViT, convert_uvit_state_dict, uvit_config_from_state_dict
+
+    converted = convert_uvit_state_dict(state_dict)
+    config = uvit_config_from_state_dict(converted)
+    sampling = dict(UViT.sampling_defaults)
+    if config["text_dim"] is not None:
+        converted.setdefault("null_context", torch.zeros(config["text_len"], config["text_dim"]))
+        conditioner = {"name": "text", "config": {"text_encoder": "openai/clip-vit-large-patch14",
+                                                  "text_len": config["text_len"], "clip_output": "last"}}
+        sampling["cfg_scale"] = 2.0  # its MS-COCO scale s = 1
+    else:
+        conditioner = _class_conditioner(config)
+    description = _description("U-ViT", "uvit", config, "uvit-eps", conditioner, SD_VAE, sampling,
+                               dit_latent_stats(config["in_channels"]))
     return description, converted
 
 

@@ -56,3 +56,19 @@ def read_weights_file(path, use_ema: bool = True):
     if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return checkpoint, args
     raise ValueError(f"{path}: no 'model' or 'ema' entry and not a bare state dict; keys are {sorted(checkpoint)[:10]}")
+
+
+def load_state_dict_checked(model, state_dict: dict, source="the state dict", expected=None):
+    """model.load_state_dict(state_dict) (returns the model), with one error that lists the first missing,
+    unexpected and misshapen keys (expected vs found) instead of every key."""
+    own = model.state_dict()
+    problems = [f"missing {k} {tuple(v.shape)}" for k, v in own.items() if k not in state_dict]
+    problems += [f"unexpected {k} {tuple(v.shape)}" for k, v in state_dict.items() if k not in own]
+    problems += [f"{k}: expected {tuple(own[k].shape)}, found {tuple(v.shape)}"
+                 for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    if problems:
+        what = expected or type(model).__name__
+        more = f" (and {len(problems) - 12} more)" if len(problems) > 12 else ""
+        raise ValueError(f"{source} does not hold the weights of {what}: {'; '.join(problems[:12])}{more}")
+    model.load_state_dict(state_dict)
+    return model

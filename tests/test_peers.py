@@ -1,4 +1,4 @@
-"""DiT and LightningDiT through train.py and generate.py: training with resume, sampling to PNGs + ADM npz, and
+"""DiT, LightningDiT and U-ViT through train.py and generate.py: training with resume, sampling to PNGs + ADM npz, and
 checkpoints in the layouts their projects released, recognised and sampled."""
 import shutil
 
@@ -12,6 +12,7 @@ from conftest import add_shape_class_labels
 from models.dit import DiT
 from models.lightningdit import LightningDiT
 from models.pos_embed import rope_2d_tables
+from models.uvit import UViT
 from omegadit import checkpoint
 
 
@@ -77,7 +78,15 @@ def released_lightningdit(path):
     return model
 
 
-@pytest.mark.parametrize("release", [released_dit, released_lightningdit])
+def released_uvit(path):
+    """A small class-conditional U-ViT saved as U-ViT releases nnet_ema.pth: a bare state dict."""
+    model = UViT(input_size=8, patch_size=2, in_channels=12, hidden_size=64, depth=4, num_heads=1, num_classes=3,
+                 conv=True)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+@pytest.mark.parametrize("release", [released_dit, released_lightningdit, released_uvit])
 def test_released_checkpoints_are_recognised_and_sampled(release, tmp_path):
     model = release(tmp_path / "released.pt")
     loaded = checkpoint.load(tmp_path / "released.pt")

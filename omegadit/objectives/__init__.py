@@ -14,4 +14,4 @@ def build_objective(name: str, **config):
     return OBJECTIVES.build(name, **config)
 
 
-from omegadit.objectives import auxiliary, flow, gaussian, lightningdit  # noqa: E402,F401  (register)
+from omegadit.objectives import auxiliary, flow, gaussian, lightningdit, uvit  # noqa: E402,F401  (register)

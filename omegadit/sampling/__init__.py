@@ -31,4 +31,4 @@ def sample(name: str, objective, network, noise, num_steps: int, generator=None,
     return check_sampler(name, objective)(objective, network, noise, num_steps, generator=generator, **options)
 
 
-from omegadit.sampling import flow, gaussian  # noqa: E402,F401  (register)
+from omegadit.sampling import dpm_solver, flow, gaussian  # noqa: E402,F401  (register)
