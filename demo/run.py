@@ -47,28 +47,31 @@ PRESETS = {
                  num_workers=0, log_every=1, num_prompts=4, images_per_prompt=1, mode="ode", sample_steps=2,
                  cfg_scale=4.0),
 }
-# Class-conditional presets of the peer systems (demo/conditions.py): 24 colour x shape classes, nothing held out,
-# each backbone's own objective and sampler (DiT: DDPM, LightningDiT: shifted Euler, U-ViT: DPM-Solver) and
-# guidance scale; the train_flags follow the backbones' recipes. On 32px pixel:4 latents (48 x 8 x 8) the CPU
-# presets use 16 x 16 pixel patches (4 tokens): DiT-S/4, U-ViT-S/4, and LightningDiT-B/2 on pixel:8 latents.
+# Presets of the peer systems (demo/conditions.py): class-conditional on 24 colour x shape classes with nothing held
+# out, and U-ViT on the captions; each backbone's own objective and sampler (DiT: DDPM, LightningDiT: shifted
+# Euler, U-ViT: DPM-Solver) and the train_flags of its recipe. A patch holds no more values than the model is wide
+# (DiT-S/4 on pixel:4 latents, 768 values a patch through 384 channels, learned only noise): DiT-S/2 and U-ViT-S/2
+# on pixel:4 (192 values), LightningDiT-B/2 on pixel:8 (768 values, 768 wide, 4 tokens on CPU). DiT and LightningDiT
+# guide only the first 3 latent channels (right for their autoencoders), on pixel latents the red of 3 pixels in
+# 16, so their presets sample unguided (cfg_scale 1); U-ViT guides every channel at its default scale.
 _PEER = dict(conditioning="class", holdout=(), text_len=None, shift_base=None, mode=None, sampler=None,
              cfg_scale=None, train_flags=("--cfm-coeff", 0))
 _PEER_CPU = dict(_PEER, num_images=4000, resolution=32, patch=4, batch_size=32, learning_rate=1e-3,
-                 warmup_steps=50, ema_decay=0.99, mixed_precision="no", num_workers=0, log_every=50, num_prompts=32,
-                 images_per_prompt=4)
+                 warmup_steps=50, ema_decay=0.99, mixed_precision="no", num_workers=0, log_every=25, num_prompts=16,
+                 images_per_prompt=2)
 _PEER_GPU = dict(_PEER, num_images=20000, resolution=64, patch=4, steps=4000, batch_size=256, learning_rate=2e-4,
                  warmup_steps=200, ema_decay=0.999, mixed_precision="bf16", num_workers=8, log_every=200,
                  num_prompts=64, images_per_prompt=8, sample_steps=None)
 _LIGHTNINGDIT = ("--cfm-coeff", 0, "--weighting", "lognormal")
 PRESETS.update({
-    "dit-cpu": dict(_PEER_CPU, model="DiT-S/4", steps=400, sample_steps=100),
-    "lightningdit-cpu": dict(_PEER_CPU, model="LightningDiT-B/2", patch=8, steps=120, sample_steps=50,
+    "dit-cpu": dict(_PEER_CPU, model="DiT-S/2", steps=300, sample_steps=50, cfg_scale=1.0),
+    "lightningdit-cpu": dict(_PEER_CPU, model="LightningDiT-B/2", patch=8, steps=150, sample_steps=50, cfg_scale=1.0,
                              train_flags=_LIGHTNINGDIT),
-    "uvit-cpu": dict(_PEER_CPU, model="U-ViT-S/4", steps=300, sample_steps=25),
-    "uvit-text-cpu": dict(_PEER_CPU, conditioning="text", holdout=None, model="U-ViT-S/4", text_len=16, steps=300,
-                          images_per_prompt=2, sample_steps=25),
-    "dit-gpu": dict(_PEER_GPU, model="DiT-S/2"),
-    "lightningdit-gpu": dict(_PEER_GPU, model="LightningDiT-B/2", train_flags=_LIGHTNINGDIT),
+    "uvit-cpu": dict(_PEER_CPU, model="U-ViT-S/2", steps=150, sample_steps=25),
+    "uvit-text-cpu": dict(_PEER_CPU, conditioning="text", holdout=None, model="U-ViT-S/2", text_len=16, steps=150,
+                          sample_steps=25),
+    "dit-gpu": dict(_PEER_GPU, model="DiT-S/2", cfg_scale=1.0),
+    "lightningdit-gpu": dict(_PEER_GPU, model="LightningDiT-B/2", cfg_scale=1.0, train_flags=_LIGHTNINGDIT),
     "uvit-gpu": dict(_PEER_GPU, model="U-ViT-S/2"),
 })
 
