@@ -68,7 +68,7 @@ PRESETS.update({
     "lightningdit-cpu": dict(_PEER_CPU, model="LightningDiT-B/2", patch=8, steps=150, sample_steps=50, cfg_scale=1.0,
                              train_flags=_LIGHTNINGDIT),
     "uvit-cpu": dict(_PEER_CPU, model="U-ViT-S/2", steps=150, sample_steps=25),
-    "uvit-text-cpu": dict(_PEER_CPU, conditioning="text", holdout=None, model="U-ViT-S/2", text_len=16, steps=150,
+    "uvit-text-cpu": dict(_PEER_CPU, conditioning="text", holdout=None, model="U-ViT-S/2", text_len=16, steps=100,
                           sample_steps=25),
     "dit-gpu": dict(_PEER_GPU, model="DiT-S/2", cfg_scale=1.0),
     "lightningdit-gpu": dict(_PEER_GPU, model="LightningDiT-B/2", cfg_scale=1.0, train_flags=_LIGHTNINGDIT),
