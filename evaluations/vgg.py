@@ -11,8 +11,8 @@ What we chose, and why:
   Inception).
 - Weights: torchvision's ImageNet VGG16, `vgg16-397923af.pth` (a state dict, loaded with weights_only=True, or
   the same tensors as .safetensors). They expect RGB in [0, 1] normalised with the ImageNet mean and std, which
-  `preprocess` does. NVIDIA's port carries other (Caffe-derived) weights, so absolute numbers can differ slightly
-  from papers that used it; the metric itself is the same.
+  `preprocess` does. The paper's code and NVIDIA's port carry the VGG authors' original (Caffe) weights, so
+  absolute numbers can differ slightly from papers that used them; the metric itself is the same.
 
 The network is written here with torchvision's module layout (`features.N`, `classifier.N`), so that file loads
 with strict=True; torchvision itself is not needed.

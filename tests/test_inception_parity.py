@@ -178,11 +178,10 @@ def test_compare_command_on_a_folder(tmp_path, pt_weights, capsys):
     rng = np.random.default_rng(2)
     folder = tmp_path / "images"
     folder.mkdir()
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(folder / "0.png")
     inception.main(["--compare-pytorch-fid", str(folder), "--inception-weights", str(pt_weights)])
     printed = capsys.readouterr().out
-    assert "images: 2" in printed and "OK: the port matches pytorch-fid" in printed
+    assert "images: 1" in printed and "OK: the port matches pytorch-fid" in printed
 
     # A port that differs in one layer is caught.
     broken = random_pt_inception()
