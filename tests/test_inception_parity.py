@@ -4,6 +4,7 @@ pytorch-fid (requirements-dev.txt) builds its network from torchvision's Incepti
 downloads the FID weights; here its download function is replaced by one that hands over a random state dict in
 the layout of that weights file, so nothing is downloaded.
 """
+import functools
 import importlib
 import os
 
@@ -27,6 +28,7 @@ def require(module):
     return pytest.importorskip(module, reason=f"{module} is missing: pip install -r requirements-dev.txt")
 
 
+@functools.lru_cache(maxsize=None)
 def pt_inception_layout():
     """Parameter names and shapes of pytorch-fid's weights file: torchvision's Inception3 with 1008 classes and no
     auxiliary head, as pytorch-fid's fid_inception_v3() builds it (the FID blocks keep the parent's parameters)."""
@@ -184,7 +186,7 @@ def test_compare_command_on_a_folder(tmp_path, pt_weights, capsys):
     assert "images: 1" in printed and "OK: the port matches pytorch-fid" in printed
 
     # A port that differs in one layer is caught.
-    broken = random_pt_inception()
+    broken = torch.load(pt_weights, weights_only=True)
     broken["Mixed_7c.branch_pool.bn.bias"] += 1.0
     torch.save(broken, tmp_path / "broken.pth")
     result = {}
