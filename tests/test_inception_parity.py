@@ -136,7 +136,7 @@ def test_layer_for_layer_equal_to_pytorch_fid(pytorch_fid_network, pt_weights):
     assert (adm_input - graph_input).abs().max() > 0.05  # the two evaluators do not see the same pixels
 
 
-def test_resizes_agree_only_where_nothing_is_resized():
+def test_at_299_both_preprocessings_only_normalise():
     rng = np.random.default_rng(1)
     pixels = torch.from_numpy(rng.integers(0, 256, (1, 299, 299, 3), dtype=np.uint8))
     scaled = pixels.permute(0, 3, 1, 2).float()
