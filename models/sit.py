@@ -299,7 +299,12 @@ class SiT(Backbone):
         return None, t_emb + self.y_embedder(y)
 
     def _path_drop_mask(self, uncond, batch, device):
-        """Which samples get the mask token instead of the sparse path: a bool, or a (N,) bool tensor."""
+        """Which samples get the mask token instead of the sparse path: a bool, an int k (samples k: onwards), or a
+        (N,) bool tensor."""
+        if isinstance(uncond, int) and not isinstance(uncond, bool):
+            if not 0 <= uncond <= batch:
+                raise ValueError(f"uncond={uncond} is no split point of a batch of {batch}")
+            return uncond
         if isinstance(uncond, torch.Tensor):
             return uncond.to(device=device, dtype=torch.bool)
         if self.training and self.path_drop_prob > 0:
@@ -325,7 +330,8 @@ class SiT(Backbone):
     def forward(self, x, t, y, uncond=False):
         """x (N, C, H, W) noisy latents, t (N,) times in [0, 1], y captions (N, text_len, text_dim) or labels (N,).
 
-        uncond: True (or a per-sample (N,) bool tensor) replaces the sparse path by the mask token (path drop).
+        uncond: True, a per-sample (N,) bool tensor, or an int k (samples k: onwards; the sparse blocks then run on
+        the first k samples only) replaces the sparse path by the mask token (path drop).
         Returns (velocity (N, C, H, W), {"repa": [projector output (N, image tokens, z_dim) for each z_dim]}).
         """
         x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
@@ -346,6 +352,10 @@ class SiT(Backbone):
         mask = self.mask_token.to(dense.dtype)
         if isinstance(path_drop, torch.Tensor):
             sparse = torch.where(path_drop.view(-1, 1, 1), mask, self._sparse_path(dense, c))
+        elif isinstance(path_drop, int) and not isinstance(path_drop, bool):
+            # [conditional | unconditional] batch of guidance: the sparse path only runs for the first part.
+            tail = mask.expand(batch - path_drop, dense.shape[1], dim)
+            sparse = torch.cat([self._sparse_path(dense[:path_drop], c[:path_drop]), tail.to(dense.dtype)])
         elif not self.training:
             sparse = mask.expand(batch, dense.shape[1], dim) if path_drop else self._sparse_path(dense, c)
         else:
