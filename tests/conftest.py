@@ -26,6 +26,47 @@ def fixture_path(name: str) -> Path:
     return path
 
 
+def load_fixture_file(name: str, prefix: str = "model."):
+    """(metadata dict, the tensors under `prefix` with the prefix stripped (a model's state dict), every tensor)
+    of a safetensors fixture."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = fixture_path(name)
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["json"])
+    tensors = load_file(str(path))
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return meta, state, tensors
+
+
+def randomize(model, seed=0, std=0.2):
+    """Give every trainable weight a random value, so that zero-initialised layers cannot hide differences."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def count_checkpointed_blocks(monkeypatch) -> list:
+    """Patch the backbones' activation checkpointing to record each checkpointed call; returns the record."""
+    import models.backbone
+    from torch.utils.checkpoint import checkpoint
+
+    calls = []
+
+    def counting(function, *args, **kwargs):
+        calls.append(function)
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(models.backbone, "checkpoint", counting)
+    return calls
+
+
 def make_text_dataset(root, num=32, resolution=32, seed=0, holdout=()):
     """The demo shapes dataset at a tiny size, encoded with the weight-free pixel tokenizer, with latent statistics."""
     from demo.shapes import make_dataset
