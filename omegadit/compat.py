@@ -151,6 +151,7 @@ def apply_recipe(parser, argv, script: str) -> Optional[str]:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe", choices=RECIPES)
     name = pre.parse_known_args(argv)[0].recipe
+    parser.omegadit_recipe = None
     if name is None:
         return None
     actions = {action.dest: action for action in parser._actions}
@@ -161,12 +162,15 @@ def apply_recipe(parser, argv, script: str) -> Optional[str]:
             raise ValueError(f"configs/{name}.yaml: {script}: unknown key '{key}' (not a flag of {script})")
         defaults[dest] = value
     parser.set_defaults(**defaults)
+    parser.omegadit_recipe = name
     return name
 
 
 def resolve(parser, args, script: str):
     """Apply the aliases among the original flags given, print one line for each ignored one, and a hint when the
     original's flags come without `--recipe`. Returns args."""
+    if script in ("train", "generate") and args.recipe != getattr(parser, "omegadit_recipe", None):
+        parser.error("--recipe goes on the command line (a --config file cannot choose the recipe it overrides)")
     seen = []
     for flag in ORIGINAL_FLAGS[script]:
         value = getattr(args, _dest(flag))

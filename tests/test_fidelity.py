@@ -176,6 +176,16 @@ def test_our_recipe_file_states_the_built_in_defaults():
     assert train.parse_args(["--recipe", "original", "--ema", "--max-grad-norm", "2", *REQUIRED]).ema is True
 
 
+def test_recipe_is_chosen_on_the_command_line_only(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("recipe: original\nmax-grad-norm: 2\n")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", str(config), *REQUIRED])
+    config.write_text("max-grad-norm: 2\n")  # a config file overrides the recipe, the command line both
+    args = train.parse_args(["--recipe", "original", "--config", str(config), *REQUIRED])
+    assert (args.max_grad_norm, args.ema) == (2, False)
+
+
 def vavae_config(tmp_path):
     meta = json.loads(safe_open(str(fixture_path("vavae.safetensors")), "pt").metadata()["json"])
     config = tmp_path / "vavae.yaml"
