@@ -11,7 +11,6 @@ Ids are relative paths without extension; a file name prefix 'img-latents-' is d
 before an all-digit name (edm2-style 'img00000014'), the same way for every file and labels.json id.
 The shared machinery (scanning, pairing, latent statistics) also serves dataset.CustomDataset.
 """
-import json
 import os
 import re
 from pathlib import Path
@@ -20,6 +19,8 @@ import numpy as np
 import PIL.Image
 import torch
 from torch.utils.data import Dataset, default_collate
+
+from omegadit.files import load_npy, load_torch, read_json
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff",
                               ".ppm", ".pgm", ".pnm", ".tga", ".qoi"})
@@ -86,8 +87,7 @@ def read_labels(label_file, caption_key: str = "en") -> dict:
     label_file = Path(label_file)
     if not label_file.is_file():
         raise FileNotFoundError(f"label file not found: {label_file}")
-    with open(label_file, encoding="utf-8") as f:
-        entries = json.load(f)
+    entries = read_json(label_file)
     if not isinstance(entries, list):
         raise ValueError(f"{label_file}: expected a JSON array of {{\"id\": ..., \"{caption_key}\": ...}}")
     captions, duplicates = {}, []
@@ -143,7 +143,7 @@ def read_image(path) -> torch.Tensor:
 
 def read_latent(path) -> np.ndarray:
     """Latent array (C, h, w) of a .npy file (a leading batch dim of 1, as the reference saves, is dropped)."""
-    array = np.load(path)
+    array = load_npy(path)
     if array.ndim == 4 and array.shape[0] == 1:
         array = array[0]
     if array.ndim != 3:
@@ -187,7 +187,7 @@ def load_latent_stats(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"latent statistics not found: {path} (loading the dataset once creates it)")
-    stats = torch.load(path, map_location="cpu", weights_only=True)
+    stats = load_torch(path)
     if not isinstance(stats, dict) or "mean" not in stats or "std" not in stats:
         raise ValueError(f"{path}: expected a dict with 'mean' and 'std'")
     mean, std = (stats[k].detach().float().reshape(-1, 1, 1) for k in ("mean", "std"))
@@ -290,5 +290,4 @@ class JsonLabelDataset(PairedLatentDataset):
     def condition(self, index: int):
         if self.text_emb_dir is None:
             return self.captions[index]
-        embedding = np.load(os.path.join(self.text_emb_dir, self.text_emb_fnames[index]))
-        return torch.from_numpy(embedding).float()
+        return torch.from_numpy(load_npy(os.path.join(self.text_emb_dir, self.text_emb_fnames[index]))).float()

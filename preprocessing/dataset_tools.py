@@ -31,6 +31,7 @@ if str(REPO_ROOT) not in sys.path:
 from json_label_dataset import IMAGE_EXTENSIONS, list_files, read_labels, to_rgb  # noqa: E402
 from models.tokenizers import load_tokenizer  # noqa: E402
 from models.vavae import read_vavae_config, resolve_checkpoint  # noqa: E402
+from omegadit.files import parse_json, read_json  # noqa: E402
 
 
 class ImageSource:
@@ -73,13 +74,12 @@ class ImageSource:
             with zipfile.ZipFile(self.path) as z:
                 if "dataset.json" not in z.namelist():
                     return None
-                data = json.loads(z.read("dataset.json"))
+                data = parse_json(z.read("dataset.json"), f"{self.path}/dataset.json")
         else:
             meta = os.path.join(self.path, "dataset.json")
             if not os.path.isfile(meta):
                 return None
-            with open(meta, encoding="utf-8") as f:
-                data = json.load(f)
+            data = read_json(meta)
         return {name: label for name, label in data.get("labels") or []}
 
 
