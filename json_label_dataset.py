@@ -27,6 +27,7 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp",
 LATENT_PREFIX = "img-latents-"
 STATS_FILENAME = "latents_stats.pt"
 MAX_LISTED = 5
+CHECK_COMMAND = "python preprocessing/dataset_tools.py check --data-dir"
 
 
 class DatasetMismatchError(ValueError):
@@ -154,15 +155,18 @@ def read_latent(path) -> np.ndarray:
 def compute_latent_stats(paths, max_samples: int = 10000, seed: int = 0) -> dict:
     """Per-channel mean and (unbiased) std over batch and space of up to `max_samples` latent files,
     chosen with a seeded generator. Returns {'mean': (C, 1, 1), 'std': (C, 1, 1)} float32; a constant
-    channel gets std 1e-6 rather than 0."""
+    channel gets std 1e-6 rather than 0. Latents holding NaN or infinite values raise ValueError naming them."""
     paths = list(paths)
     if not paths:
         raise ValueError("no latent files to compute statistics from")
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(len(paths), size=min(max_samples, len(paths)), replace=False))
-    count, mean, m2 = 0, None, None
+    count, mean, m2, non_finite = 0, None, None, []
     for index in chosen:
         z = read_latent(paths[index]).astype(np.float64)
+        if not np.isfinite(z).all():
+            non_finite.append(str(paths[index]))
+            continue
         z = z.reshape(z.shape[0], -1)
         n = z.shape[1]
         z_mean = z.mean(axis=1)
@@ -177,26 +181,42 @@ def compute_latent_stats(paths, max_samples: int = 10000, seed: int = 0) -> dict
         mean = mean + delta * n / total
         m2 = m2 + z_m2 + delta ** 2 * count * n / total
         count = total
+    if non_finite:
+        raise ValueError(f"cannot compute latent statistics: {len(non_finite)} of the {len(chosen)} sampled latent "
+                         f"files hold NaN or infinite values (first {min(MAX_LISTED, len(non_finite))}: "
+                         f"{', '.join(non_finite[:MAX_LISTED])}); re-encode or remove them ({CHECK_COMMAND} DATA "
+                         f"lists every broken file)")
     std = np.maximum(np.sqrt(m2 / max(count - 1, 1)), 1e-6)
     return {"mean": torch.from_numpy(mean.astype(np.float32)).reshape(-1, 1, 1),
             "std": torch.from_numpy(std.astype(np.float32)).reshape(-1, 1, 1)}
 
 
+def _usable_stats(mean, std) -> bool:
+    return bool(torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all())
+
+
 def load_latent_stats(path):
-    """(mean, std) float32 tensors of shape (C, 1, 1) from a latents_stats.pt file."""
+    """(mean, std) float32 tensors of shape (C, 1, 1) from a latents_stats.pt file; a file holding NaN,
+    infinite or non-positive std values raises ValueError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"latent statistics not found: {path} (loading the dataset once creates it)")
     stats = load_torch(path)
-    if not isinstance(stats, dict) or "mean" not in stats or "std" not in stats:
-        raise ValueError(f"{path}: expected a dict with 'mean' and 'std'")
+    if not isinstance(stats, dict) or not all(isinstance(stats.get(k), torch.Tensor) for k in ("mean", "std")):
+        raise ValueError(f"{path}: expected a dict with 'mean' and 'std' tensors")
     mean, std = (stats[k].detach().float().reshape(-1, 1, 1) for k in ("mean", "std"))
+    if not _usable_stats(mean, std):
+        raise ValueError(f"{path} holds unusable latent statistics (NaN or infinite values, or a std <= 0), "
+                         f"likely computed from broken latents. Delete the file and fix the data "
+                         f"({CHECK_COMMAND} DATA lists broken files); loading the dataset then recomputes it.")
     return mean, std
 
 
 def save_latent_stats(stats: dict, path) -> None:
-    """Write {'mean', 'std'} atomically (several ranks may race to create it)."""
+    """Write {'mean', 'std'} atomically (several ranks may race to create it); non-finite values raise."""
     path = Path(path)
+    if not _usable_stats(stats["mean"], stats["std"]):
+        raise ValueError(f"refusing to write NaN, infinite or non-positive latent statistics to {path}")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save({"mean": stats["mean"], "std": stats["std"]}, tmp)
     os.replace(tmp, path)
