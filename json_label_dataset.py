@@ -9,7 +9,9 @@ Layout:
 
 Ids are relative paths without extension; a file name prefix 'img-latents-' is dropped, and so is 'img'
 before an all-digit name (edm2-style 'img00000014'), the same way for every file and labels.json id.
-The shared machinery (scanning, pairing, latent statistics) also serves dataset.CustomDataset.
+The shared machinery (scanning, pairing, file checks, latent statistics) also serves dataset.CustomDataset.
+Building a dataset reads the header of every image and latent (not the data) and stops with a DataFileError
+listing each file that cannot work; `python preprocessing/dataset_tools.py check` loads every file.
 """
 import os
 import re
@@ -20,6 +22,7 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from omegadit.data_checks import DataFileError, format_problems, image_header_problems, npy_header_problems
 from omegadit.files import load_npy, load_torch, read_json
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff",
@@ -32,6 +35,10 @@ CHECK_COMMAND = "python preprocessing/dataset_tools.py check --data-dir"
 
 class DatasetMismatchError(ValueError):
     """Images, latents and conditions of a dataset do not cover the same ids."""
+
+
+class DataItemError(RuntimeError):
+    """An item of a dataset could not be read; the message names its files."""
 
 
 def normalize_id(name: str) -> str:
@@ -97,6 +104,9 @@ def read_labels(label_file, caption_key: str = "en") -> dict:
             raise ValueError(f"{label_file}: entry {index} is not {{\"id\": ..., \"{caption_key}\": \"<caption>\"}}: "
                              f"{str(entry)[:200]}")
         key = normalize_id(str(entry["id"]))
+        if not _is_utf8(entry[caption_key]):
+            raise ValueError(f"{label_file}: entry {index} (id '{key}') has a caption that is not valid UTF-8 "
+                             f"(an unpaired surrogate escape)")
         if key in captions:
             duplicates.append(key)
         captions[key] = entry[caption_key]
@@ -104,6 +114,14 @@ def read_labels(label_file, caption_key: str = "en") -> dict:
         raise ValueError(f"{label_file}: {len(duplicates)} duplicate ids (first {MAX_LISTED}: "
                          f"{', '.join(duplicates[:MAX_LISTED])})")
     return captions
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_pairing(sources: dict, dataset_name: str) -> list:
@@ -247,7 +265,8 @@ class PairedLatentDataset(Dataset):
     """Images of data_dir/images and latents of data_dir/vae-in paired by id with per-id conditions.
 
     Subclasses call `_setup(conditions, kind, where)`; items are (image uint8 (3, H, W),
-    normalised latent float32 (C, h, w), condition).
+    normalised latent float32 (C, h, w), condition). An item that cannot be read raises DataItemError
+    naming its files.
     """
 
     def __init__(self, data_dir, stats_samples: int = 10000, stats_seed: int = 0):
@@ -266,9 +285,19 @@ class PairedLatentDataset(Dataset):
         self.ids = check_pairing(sources, f"{type(self).__name__}({self.data_dir})")
         self.image_fnames = [images[i] for i in self.ids]
         self.feature_fnames = [latents[i] for i in self.ids]
+        image_paths = [os.path.join(self.images_dir, f) for f in self.image_fnames]
         latent_paths = [os.path.join(self.features_dir, f) for f in self.feature_fnames]
+        problems = image_header_problems(image_paths)[0] + npy_header_problems(latent_paths, 3, "latents", True)[0]
+        self._raise_problems(problems)
         self.latent_mean, self.latent_std = cached_latent_stats(
             self.stats_file, latent_paths, self.stats_samples, self.stats_seed)
+
+    def _raise_problems(self, problems) -> None:
+        """DataFileError listing `problems` ((path, message) pairs), if there are any."""
+        if problems:
+            raise DataFileError(f"{type(self).__name__}({self.data_dir}): {len(problems)} problem(s) with data files "
+                                f"(fix or remove them; {CHECK_COMMAND} {self.data_dir} loads every file):\n"
+                                + format_problems(problems))
 
     def __len__(self):
         return len(self.ids)
@@ -276,11 +305,26 @@ class PairedLatentDataset(Dataset):
     def condition(self, index: int):
         raise NotImplementedError
 
+    def item_files(self, index: int) -> list:
+        """Paths of the files that item `index` reads."""
+        return [os.path.join(self.images_dir, self.image_fnames[index]),
+                os.path.join(self.features_dir, self.feature_fnames[index])]
+
+    def _read_item(self, index: int):
+        image_path, latent_path = self.item_files(index)[:2]
+        image = read_image(image_path)
+        latent = torch.from_numpy(read_latent(latent_path)).float()
+        if not torch.isfinite(latent).all():
+            raise ValueError(f"{latent_path} holds NaN or infinite values")
+        return image, (latent - self.latent_mean) / self.latent_std, self.condition(index)
+
     def __getitem__(self, index: int):
-        image = read_image(os.path.join(self.images_dir, self.image_fnames[index]))
-        latent = torch.from_numpy(read_latent(os.path.join(self.features_dir, self.feature_fnames[index])))
-        latent = (latent.float() - self.latent_mean) / self.latent_std
-        return image, latent, self.condition(index)
+        key = self.ids[index]  # an IndexError past the end, as iteration expects
+        try:
+            return self._read_item(index)
+        except Exception as e:
+            raise DataItemError(f"item {index} (id '{key}') could not be read from "
+                                f"{', '.join(self.item_files(index))}: {type(e).__name__}: {e}") from e
 
 
 class JsonLabelDataset(PairedLatentDataset):
@@ -306,6 +350,14 @@ class JsonLabelDataset(PairedLatentDataset):
         if self.text_emb_dir is not None:
             self.text_emb_fnames = [self._embeddings[i] for i in self.ids]
             del self._embeddings
+            paths = [os.path.join(self.text_emb_dir, f) for f in self.text_emb_fnames]
+            self._raise_problems(npy_header_problems(paths, 2, "text embeddings")[0])
+
+    def item_files(self, index: int) -> list:
+        files = super().item_files(index)
+        if self.text_emb_dir is not None:
+            files.append(os.path.join(self.text_emb_dir, self.text_emb_fnames[index]))
+        return files
 
     def condition(self, index: int):
         if self.text_emb_dir is None:
