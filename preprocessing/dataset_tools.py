@@ -36,7 +36,7 @@ from models.tokenizers import load_tokenizer  # noqa: E402
 from models.vavae import read_vavae_config, resolve_checkpoint  # noqa: E402
 from omegadit.data_checks import (common_value, image_content_problems, image_header_problems,  # noqa: E402
                                   npy_content_problems, npy_header_problems, problem)
-from omegadit.files import parse_json, read_json  # noqa: E402
+from omegadit.files import UnsafeFileError, parse_json, read_json  # noqa: E402
 
 
 class ImageSource:
@@ -390,7 +390,7 @@ def _stats_problems(stats_file: Path, latent_shapes: dict) -> list:
         return []
     try:
         mean, _ = load_latent_stats(stats_file)
-    except ValueError as e:
+    except (ValueError, UnsafeFileError) as e:
         return [problem(stats_file, e)]
     shape = common_value(list(latent_shapes.values()))
     if shape is not None and mean.shape[0] != shape[0]:

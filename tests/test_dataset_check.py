@@ -1,5 +1,6 @@
 """`python preprocessing/dataset_tools.py check`: loads every file and lists each problem with its file."""
 import json
+import os
 
 import PIL.Image
 import pytest
@@ -67,3 +68,16 @@ def test_check_reports_statistics_for_another_channel_count(data, capsys):
     torch.save({"mean": torch.zeros(4, 1, 1), "std": torch.ones(4, 1, 1)}, data / "vae-in/latents_stats.pt")
     assert main(["check", "--data-dir", str(data)]) == 1
     assert "statistics for 4 channels but the latents have 48" in capsys.readouterr().out
+
+
+class RunsCode:
+    """Pickles as a call to os.system."""
+
+    def __reduce__(self):
+        return os.system, ("echo this must never run",)
+
+
+def test_check_reports_a_statistics_file_that_would_run_code(data, capsys):
+    torch.save({"mean": RunsCode(), "std": torch.ones(48, 1, 1)}, data / "vae-in/latents_stats.pt")
+    assert main(["check", "--data-dir", str(data)]) == 1
+    assert f"{data / 'vae-in/latents_stats.pt'}: refusing to load code from" in capsys.readouterr().out
