@@ -21,10 +21,11 @@ from typing import NamedTuple, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from models import rebuild_backbone
 from omegadit.conditioners import DEFAULT_TEXT_ENCODER, build_conditioner
+from omegadit.files import load_safetensors
 from omegadit.objectives import build_objective
 from omegadit.weights_io import load_state_dict_checked, read_weights_file
 
@@ -58,13 +59,7 @@ def save_weights(path, state_dict: dict, description: dict):
 
 def load_weights(path) -> dict:
     """The tensors of a safetensors file; a missing or damaged file is named in the error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    return load_safetensors(path)
 
 
 def read_metadata(path) -> dict:
