@@ -3,23 +3,12 @@ import json
 import os
 
 import PIL.Image
-import pytest
 import torch
 
-from data_faults import (FAULTS, copy_dataset, image, inject, latent, make_clean_dataset, non_utf8_caption,
+from data_faults import (FAULTS, image, inject, latent, non_utf8_caption,
                          put_nan, truncate_png)
 from json_label_dataset import JsonLabelDataset
 from preprocessing.dataset_tools import main
-
-
-@pytest.fixture(scope="module")
-def clean_dataset(tmp_path_factory):
-    return make_clean_dataset(tmp_path_factory.mktemp("clean"))
-
-
-@pytest.fixture
-def data(tmp_path, clean_dataset):
-    return copy_dataset(clean_dataset, tmp_path / "data")
 
 
 def test_check_passes_a_clean_dataset(clean_dataset, capsys):

@@ -9,21 +9,11 @@ import PIL.Image
 import pytest
 from torch.utils.data import DataLoader
 
-from data_faults import (FAULTS, copy_dataset, image, inject, latent, make_clean_dataset, non_utf8_caption,
+from data_faults import (FAULTS, image, inject, latent, non_utf8_caption,
                          put_nan, truncate_png)
 from json_label_dataset import JsonLabelDataset, collate
 
 HEADER_CHECK_FILES = 2000
-
-
-@pytest.fixture(scope="module")
-def clean_dataset(tmp_path_factory):
-    return make_clean_dataset(tmp_path_factory.mktemp("clean"))
-
-
-@pytest.fixture
-def data(tmp_path, clean_dataset):
-    return copy_dataset(clean_dataset, tmp_path / "data")
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))

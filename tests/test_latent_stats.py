@@ -2,19 +2,9 @@
 import pytest
 import torch
 
-from data_faults import copy_dataset, latent, make_clean_dataset, put_nan
+from data_faults import latent, put_nan
 from json_label_dataset import JsonLabelDataset, load_latent_stats, save_latent_stats
 from preprocessing.dataset_tools import main
-
-
-@pytest.fixture(scope="module")
-def clean_dataset(tmp_path_factory):
-    return make_clean_dataset(tmp_path_factory.mktemp("clean"))
-
-
-@pytest.fixture
-def data(tmp_path, clean_dataset):
-    return copy_dataset(clean_dataset, tmp_path / "data")
 
 
 def test_nan_latent_is_named_and_never_cached(data):
