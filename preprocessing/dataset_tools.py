@@ -37,6 +37,7 @@ from models.vavae import read_vavae_config, resolve_checkpoint  # noqa: E402
 from omegadit.data_checks import (common_value, image_content_problems, image_header_problems,  # noqa: E402
                                   npy_content_problems, npy_header_problems, problem)
 from omegadit.files import UnsafeFileError, parse_json, read_json  # noqa: E402
+from omegadit.conditioners import DEFAULT_TEXT_LEN  # noqa: E402
 
 
 class ImageSource:
@@ -316,7 +317,7 @@ def _safe_id(key: str) -> str:
 
 
 def encode_text(data_dir, text_encoder: str, label_file=None, dest=None, batch_size: int = 256, device=None,
-                caption_key: str = "en", text_len: int = 77) -> dict:
+                caption_key: str = "en", text_len: int = DEFAULT_TEXT_LEN) -> dict:
     """Cache caption embeddings (text_len, dim) float16 as <dest>/<id>.npy (dest defaults to data_dir/text-emb)."""
     label_file = label_file or os.path.join(data_dir, "labels.json")
     dest = dest or os.path.join(data_dir, "text-emb")
@@ -486,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", help="torch device (default: cuda if available)")
     p.add_argument("--caption-key", default="en", help="caption field of labels.json entries")
-    p.add_argument("--text-len", type=int, default=77, help="caption tokens (train.py --text-len must match)")
+    p.add_argument("--text-len", type=int, default=DEFAULT_TEXT_LEN, help="caption tokens (train.py --text-len must match)")
 
     p = commands.add_parser("check", help="load every file of a dataset and list each problem (exit code 1 if any)")
     p.add_argument("--data-dir", required=True, help="dataset root (images/, vae-in/, labels.json, text-emb/)")
