@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from models import ARCHITECTURES, BACKBONES
 from models.backbone import Backbone, init_adaln_zero, register_sizes, unpatchify
 from models.pos_embed import apply_rope, rope_2d_tables, sincos_2d
+from omegadit.conditioners import DEFAULT_TEXT_LEN
 
 DENSE_IN = 2
 DENSE_OUT = 2
@@ -186,7 +187,7 @@ class SiT(Backbone):
         num_heads=12,
         mlp_ratio=4.0,
         text_dim=None,
-        text_len=77,
+        text_len=DEFAULT_TEXT_LEN,
         num_classes=None,
         z_dims=(768,),
         projector_dim=2048,
@@ -407,7 +408,7 @@ SiT_models = register_sizes(BACKBONES, "SiT", SiT, SIZES, (1, 2, 4))
 # Checkpoints of the original OmegaDiT train.py
 # ------------------------------------------------------------------------------------------------------------------
 
-REFERENCE_TEXT_LEN = 77
+REFERENCE_TEXT_LEN = DEFAULT_TEXT_LEN  # the original's CLIP-L caption length
 _REFERENCE_IGNORED = ("path_type", "encoder_depth", "class_dropout_prob", "cls_token_dim", "fused_attn", "use_cfg",
                       "num_classes", "decoder_hidden_size")
 

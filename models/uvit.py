@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from models import ARCHITECTURES, BACKBONES
 from models.backbone import Backbone, register_sizes, unpatchify
 from models.dit import Attention, Mlp
+from omegadit.conditioners import DEFAULT_TEXT_LEN
 from omegadit.weights_io import read_weights_file
 
 HEAD_DIM = 64  # every released U-ViT (and every size of the paper's table 1) uses 64-wide heads
-CLIP_TOKENS = 77
+CLIP_TOKENS = DEFAULT_TEXT_LEN  # its MS-COCO models: 77 CLIP-L tokens
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

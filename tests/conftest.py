@@ -109,3 +109,17 @@ def add_shape_class_labels(root):
     labels = [[f"{e['id']}.npy", SHAPES.index(parse_caption(e["en"])["shape"])] for e in entries]
     (Path(root) / "vae-in" / "dataset.json").write_text(json.dumps({"labels": labels}))
     return Path(root)
+
+
+@pytest.fixture(scope="module")
+def clean_dataset(tmp_path_factory):
+    """A small valid dataset (tests/data_faults.py) to inject faults into copies of."""
+    from data_faults import make_clean_dataset
+    return make_clean_dataset(tmp_path_factory.mktemp("clean"))
+
+
+@pytest.fixture
+def data(tmp_path, clean_dataset):
+    """A fresh copy of clean_dataset for one test to damage."""
+    from data_faults import copy_dataset
+    return copy_dataset(clean_dataset, tmp_path / "data")
