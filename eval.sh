@@ -18,9 +18,19 @@ NUM_SAMPLES=${NUM_SAMPLES:-50000}
 BATCH=${BATCH:-64}
 SEED=${SEED:-0}
 SAMPLE_DIR=${SAMPLE_DIR:-samples}
-NAME=${NAME:-eval-$(basename "$CKPT")-$RECIPE${STEPS:+-steps$STEPS}${CFG:+-cfg$CFG}-seed$SEED}
 INCEPTION_WEIGHTS=${INCEPTION_WEIGHTS:-}
 EXTRA=${EXTRA:-}
+
+# 8 hex digits of the arguments: the default NAME carries a hash of every setting, so that runs with different
+# settings never share a sample folder (generate.py also refuses a folder whose manifest.json differs).
+settings_hash() {
+    if command -v sha256sum > /dev/null; then printf '%s\n' "$@" | sha256sum; else printf '%s\n' "$@" | shasum -a 256; fi |
+        cut -c1-8
+}
+case $CKPT in /*) CKPT_PATH=$CKPT ;; *) CKPT_PATH=$PWD/$CKPT ;; esac
+NAME=${NAME:-eval-$(basename "$CKPT")-$RECIPE${STEPS:+-steps$STEPS}${CFG:+-cfg$CFG}-seed$SEED-$(settings_hash \
+    "$CKPT_PATH" "$RECIPE" "$PROMPTS" "$NUM_SAMPLES" "$MODE" "$STEPS" "$CFG" "$GUIDANCE_LOW" "$GUIDANCE_HIGH" "$SEED" \
+    "$EXTRA")}
 
 torchrun --standalone --nproc_per_node "$NUM_GPUS" generate.py \
     --ckpt "$CKPT" --recipe "$RECIPE" --prompts-file "$PROMPTS" --num-fid-samples "$NUM_SAMPLES" \

@@ -5,9 +5,13 @@ statistics, so it samples without its training data. Writes <sample-dir>/<name>/
 existing files are kept, so an interrupted run resumes), then <sample-dir>/<name>.npz (ADM format: arr_0,
 N x H x W x 3 uint8) and <sample-dir>/<name>_grid.png. Each image's noise comes from a generator seeded by
 --global-seed and its global index, so the images do not depend on the number of processes.
+<sample-dir>/<name>/manifest.json records the weights, prompts and settings the images come from; a run into a
+folder whose images were made otherwise stops with the differences (omegadit/manifest.py).
 """
 import argparse
+import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from omegadit import checkpoint, compat
+from omegadit import manifest as manifests
 from omegadit.importers import IMPORTERS
 from omegadit.prompts import read_prompts
 from omegadit.sampling import SAMPLERS, check_sampler
@@ -26,6 +31,7 @@ from omegadit.sampling.guidance import GuidedNetwork
 from utils import image_grid, parse_with_config
 
 SAMPLING_FALLBACKS = {"num_steps": 50, "cfg_scale": 4.0, "guidance_low": 0.0, "guidance_high": 1.0}
+POSITIVE = ("num_steps", "per_proc_batch_size", "num_images_per_prompt", "grid_size", "num_fid_samples", "shift_base")
 
 
 def parse_args(argv=None):
@@ -37,7 +43,8 @@ def parse_args(argv=None):
                    help="format of a checkpoint released by another project (default: detected from its keys)")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA")
     p.add_argument("--sample-dir", default="samples")
-    p.add_argument("--name", default=None, help="output name (default: derived from checkpoint and settings)")
+    p.add_argument("--name", default=None,
+                   help="output name (default: checkpoint, sampler, steps, scale, seed and a hash of all settings)")
     g = p.add_argument_group("conditions")
     g.add_argument("--prompts-file", default=None, help="text file (one prompt per line) or a labels.json")
     g.add_argument("--prompt", default=None, help="a single prompt")
@@ -78,7 +85,42 @@ def parse_args(argv=None):
     g.add_argument("--grid-size", type=int, default=16, help="images in the grid PNG")
     compat.add_original_flags(p, "generate")
     compat.apply_recipe(p, argv, "generate")
-    return compat.resolve(p, parse_with_config(p, argv), "generate")
+    args = compat.resolve(p, parse_with_config(p, argv), "generate")
+    check_args(p, args)
+    return args
+
+
+def check_args(parser, args):
+    """Stop with a usage error naming the flag when a value is out of its range (before anything is loaded).
+    Sampling settings left to the checkpoint (None here) are checked by `check_sampling` once it is read."""
+    for key in POSITIVE:
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            parser.error(f"--{key.replace('_', '-')} must be a positive integer, got {value}")
+    try:
+        check_sampling(args)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def check_sampling(args):
+    """A finite guidance scale and 0 <= --guidance-low <= --guidance-high <= 1, for the values that are set."""
+    if args.cfg_scale is not None and not math.isfinite(args.cfg_scale):
+        raise ValueError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
+    low = 0.0 if args.guidance_low is None else args.guidance_low
+    high = 1.0 if args.guidance_high is None else args.guidance_high
+    if not 0 <= low <= high <= 1:
+        raise ValueError(f"the guidance interval needs 0 <= --guidance-low <= --guidance-high <= 1, got "
+                         f"--guidance-low {args.guidance_low} and --guidance-high {args.guidance_high}")
+
+
+def check_writable(folder: Path):
+    """Create --sample-dir if needed and make sure a file can be written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise OSError(f"--sample-dir {folder} is not a writable folder: {err}") from err
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -137,11 +179,65 @@ def conditions_for(args, model):
     return torch.randint(0, num_classes, (total,), generator=generator).tolist(), total
 
 
-def output_name(args, sampler):
+def output_name(args, sampler, manifest):
+    """The default folder name: the main settings to read, and a hash of everything the images depend on, so
+    that runs with different settings never share a folder."""
     ckpt = Path(args.ckpt)
     stem = ckpt.name if ckpt.is_dir() else ckpt.stem
     return (f"{stem}-{'raw' if args.no_ema else 'ema'}-{sampler}{args.num_steps}-cfg{args.cfg_scale}"
-            f"-seed{args.global_seed}")
+            f"-seed{args.global_seed}-{manifests.short_hash(manifest)}")
+
+
+def latent_stats(args, loaded):
+    """(mean, std) of the training latents: --latent-stats, else what the checkpoint records."""
+    from json_label_dataset import load_latent_stats
+
+    stats = load_latent_stats(args.latent_stats) if args.latent_stats else loaded.latent_stats
+    if stats is None:
+        raise FileNotFoundError(f"{args.ckpt} records no latent statistics and its training data folder is gone: "
+                                f"pass --latent-stats <data-dir>/vae-in/latents_stats.pt of the training data")
+    channels = loaded.model.latent_shape[0]
+    if stats[0].shape[0] != channels:
+        source = args.latent_stats or f"the statistics recorded in {args.ckpt}"
+        raise ValueError(f"{source} has statistics for {stats[0].shape[0]} latent channels; the model denoises "
+                         f"{channels}")
+    return stats
+
+
+def sample_manifest(args, loaded, objective, sampler, conditions, stats, use_bf16) -> dict:
+    """Everything the images depend on (omegadit/manifest.py): weights, conditions, sampler and decoding."""
+    weights = checkpoint.weights_file(args.ckpt, use_ema=not args.no_ema)
+    return {
+        "checkpoint": str(weights.resolve()),
+        "weights_fingerprint": manifests.file_fingerprint(weights),
+        "ema": not args.no_ema,
+        "conditions_sha256": manifests.digest(conditions),
+        "num_images": len(conditions),
+        "sampler": sampler,
+        "num_steps": args.num_steps,
+        "cfg_scale": args.cfg_scale,
+        "guidance_interval": [args.guidance_low, args.guidance_high],
+        "path_drop": args.path_drop,
+        "global_seed": args.global_seed,
+        "objective": objective.describe(),
+        "bf16": use_bf16,
+        "autoencoder": args.tokenizer or loaded.autoencoder,
+        "vae_ckpt": str(Path(args.vae_ckpt).resolve()) if args.vae_ckpt else None,
+        "latent_stats_sha256": manifests.digest([t.flatten().tolist() for t in stats]),
+        "text_encoder": args.text_encoder or loaded.conditioner.config.get("text_encoder"),
+    }
+
+
+def warn_truncated(conditioner, conditions):
+    """Print one warning when prompts have more tokens than the model's caption length (the tokenizer cuts them)."""
+    if conditioner.kind != "text":
+        return
+    prompts = list(dict.fromkeys(conditions))
+    lengths = [len(ids) for ids in conditioner.encoder.tokenizer(prompts, truncation=False)["input_ids"]]
+    cut = [p for p, n in zip(prompts, lengths) if n > conditioner.text_len]
+    if cut:
+        print(f"WARNING: {len(cut)} of {len(prompts)} prompts are longer than the model's {conditioner.text_len} "
+              f"caption tokens and are truncated, e.g. {cut[0]!r}")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -149,6 +245,7 @@ def output_name(args, sampler):
 # ------------------------------------------------------------------------------------------------------------------
 
 def main(args):
+    check_writable(Path(args.sample_dir))
     # Without cpu=True, accelerate leaves CPU-only processes started by torchrun undistributed: each would sample all.
     state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = state.device
@@ -160,24 +257,32 @@ def main(args):
     objective = apply_overrides(loaded, args)
     defaults = loaded.description.get("sampling", {})
     fill_sampling_defaults(args, defaults)
+    check_sampling(args)
     sampler = sampler_name(args, objective, defaults)
     sample_fn = check_sampler(sampler, objective)
     conditions, total = conditions_for(args, model)
-    decode = build_decoder(args, loaded, device)
-    compat.check_checkpoint(args, loaded, decode.tokenizer.downsample)
-    conditioner = build_conditioner(args, loaded, model, device)
+    stats = latent_stats(args, loaded)
     use_bf16 = args.mixed_precision == "bf16" or (
         args.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    manifest = sample_manifest(args, loaded, objective, sampler, conditions, stats, use_bf16)
+    name = args.name or output_name(args, sampler, manifest)
+    image_dir = Path(args.sample_dir) / name
+    manifests.check_folder(image_dir, manifest)
+    decode = build_decoder(args, loaded, stats, device)
+    compat.check_checkpoint(args, loaded, decode.tokenizer.downsample)
+    conditioner = build_conditioner(args, loaded, model, device)
+    if state.is_main_process:
+        warn_truncated(conditioner, conditions)
     if args.compile if args.compile is not None else device.type == "cuda":
         model.compile()
 
-    name = args.name or output_name(args, sampler)
-    image_dir = Path(args.sample_dir) / name
+    state.wait_for_everyone()  # every process has checked the folder before its manifest is written
     if state.is_main_process:
         image_dir.mkdir(parents=True, exist_ok=True)
+        manifests.write(image_dir, manifest)
     state.wait_for_everyone()
     if state.is_main_process:
         print(f"sampling {total} images with {'raw' if args.no_ema else 'EMA'} weights of {args.ckpt} "
@@ -213,21 +318,10 @@ def main(args):
         print(f"wrote {total} images to {image_dir}, {npz_path} and {grid_path}")
 
 
-def build_decoder(args, loaded, device):
-    """Normalised latents -> uint8 images, with the checkpoint's autoencoder and latent statistics (or the
-    --tokenizer / --latent-stats given)."""
-    from json_label_dataset import load_latent_stats
+def build_decoder(args, loaded, stats, device):
+    """Normalised latents -> uint8 images, with the checkpoint's autoencoder (or --tokenizer) and `stats`."""
     from models.tokenizers import LatentDecoder, load_tokenizer
 
-    stats = load_latent_stats(args.latent_stats) if args.latent_stats else loaded.latent_stats
-    if stats is None:
-        raise FileNotFoundError(f"{args.ckpt} records no latent statistics and its training data folder is gone: "
-                                f"pass --latent-stats <data-dir>/vae-in/latents_stats.pt of the training data")
-    channels = loaded.model.latent_shape[0]
-    if stats[0].shape[0] != channels:
-        source = args.latent_stats or f"the statistics recorded in {args.ckpt}"
-        raise ValueError(f"{source} has statistics for {stats[0].shape[0]} latent channels; the model denoises "
-                         f"{channels}")
     tokenizer = load_tokenizer(args.tokenizer or loaded.autoencoder, device=device, ckpt_path=args.vae_ckpt)
     return LatentDecoder(tokenizer, *stats)
 

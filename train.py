@@ -6,6 +6,7 @@ checkpoint module (omegadit/checkpoint.py, omegadit/run_state.py). ARCHITECTURE.
 """
 import argparse
 import json
+import math
 import signal
 import time
 from contextlib import nullcontext
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -23,14 +24,21 @@ from loss import TrainingLoss
 from models import BACKBONES
 from omegadit import checkpoint, compat
 from omegadit.conditioners import DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassConditioner, TextConditioner
+from omegadit.locking import ExperimentLock, ExperimentLocked, describe_holder
 from omegadit.objectives import AUX_LOSSES, OBJECTIVES
 from omegadit.objectives.flow import DEFAULT_SHIFT_BASE
 from omegadit.options import accepted_options, explicit_options
-from omegadit.run_state import find_resume_dir, load_checkpoint, save_checkpoint
+from omegadit.run_state import apply_optimizer_flags, load_checkpoint, plan_resume, save_checkpoint
 from utils import ResumableBatchSampler, ema_decay_at, lr_lambda, parse_with_config, update_ema, write_json
 
 BACKBONE_OPTIONS = ("qk_norm", "sprint_drop_ratio", "path_drop_prob", "projector_dim")
 OBJECTIVE_OPTIONS = ("path_type", "weighting", "time_shifting", "shift_base")
+POSITIVE = ("log_every", "checkpointing_steps", "batch_size", "max_train_steps", "gradient_accumulation_steps",
+            "num_samples", "sample_steps", "text_len", "shift_base")
+NON_NEGATIVE = ("keep_last", "resume_step", "num_workers", "lr_warmup_steps", "sample_every", "learning_rate",
+                "max_grad_norm", "adam_weight_decay", "adam_epsilon")
+FRACTIONS = ("ema_decay", "cfg_prob", "path_drop_prob", "sprint_drop_ratio", "adam_beta1", "adam_beta2")
+LOCK_FILE = "train.lock"
 
 
 def build_parser():
@@ -117,10 +125,32 @@ def parse_args(argv=None):
     parser = build_parser()
     compat.apply_recipe(parser, argv, "train")
     args = compat.resolve(parser, parse_with_config(parser, argv), "train")
+    check_args(parser, args)
     if args.enc_type.lower() == "none":
         args.enc_type = "none"
     args.explicit = sorted(explicit_options(parser, args))
     return args
+
+
+def check_args(parser, args):
+    """Stop with a usage error naming the flag when a number is out of its range."""
+    def bad(key, value, expected):
+        parser.error(f"--{key.replace('_', '-')} must be {expected}, got {value}")
+
+    for key in POSITIVE:
+        if getattr(args, key) < 1:
+            bad(key, getattr(args, key), "a positive integer")
+    for key in NON_NEGATIVE:
+        value = getattr(args, key)
+        if not math.isfinite(value) or value < 0:
+            bad(key, value, "a finite number >= 0")
+    for key in FRACTIONS:
+        value = getattr(args, key)
+        if not 0 <= value <= 1:
+            bad(key, value, "in [0, 1]")
+    if args.batch_size % args.gradient_accumulation_steps:
+        parser.error(f"--batch-size {args.batch_size} is not divisible by --gradient-accumulation-steps "
+                     f"{args.gradient_accumulation_steps}")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -235,9 +265,39 @@ def main(args):
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
                               log_with=None if args.report_to == "none" else args.report_to,
                               project_dir=str(Path(args.output_dir) / args.exp_name))
-    device = accelerator.device
     exp_dir = Path(args.output_dir) / args.exp_name
+    lock = lock_experiment(accelerator, exp_dir / LOCK_FILE)
+    try:
+        train(args, accelerator, exp_dir, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def lock_experiment(accelerator, path):
+    """The main process locks the experiment folder (None on the others); every process learns whether it
+    could, so that all of them stop together when another run holds it."""
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = ExperimentLock.acquire(path)
+        except ExperimentLocked as err:
+            refusal = str(err)
+    refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise ExperimentLocked(refusal)
+    return lock
+
+
+def train(args, accelerator, exp_dir, lock):
+    """Build every part, resume or start, and run the loop until --max-train-steps, Ctrl-C or a non-finite loss."""
+    device = accelerator.device
     log = make_logger(accelerator, exp_dir)
+    if lock is not None and lock.took_over:
+        log(f"took over the stale lock {lock.path} of {describe_holder(lock.took_over)}, which no longer runs")
+    plan = plan_resume(args, accelerator.num_processes)
+    for note in plan.notes:
+        log(f"resume: {note}")
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -259,7 +319,7 @@ def main(args):
     description = checkpoint.describe(args.model, model, objective, conditioner, args.tokenizer,
                                       (dataset.latent_mean, dataset.latent_std),
                                       {"sampler": objective.default_sampler, **model.sampling_defaults})
-    if args.init_from:
+    if args.init_from and plan.path is None:
         checkpoint.load_state_dict_checked(model, checkpoint.load(args.init_from).model.state_dict(), args.init_from,
                                            args.model)
         log(f"initialised weights from {args.init_from}")
@@ -289,12 +349,12 @@ def main(args):
     raw_model = accelerator.unwrap_model(model)
 
     step = 0
-    resume_dir = find_resume_dir(args)
-    if resume_dir is not None:
-        step = load_checkpoint(resume_dir, accelerator, model, ema, optimizer, scheduler)
-        log(f"resumed from {resume_dir} at step {step}")
-        if ema is not None and not (resume_dir / "ema.safetensors").exists():
-            log(f"{resume_dir} holds no EMA (trained with --no-ema): the EMA starts from its weights")
+    if plan.path is not None:
+        step = load_checkpoint(plan.path, accelerator, model, ema, optimizer, scheduler)
+        apply_optimizer_flags(optimizer, scheduler, args)
+        log(f"resumed from {plan.path} at step {step}")
+        if ema is not None and not (plan.path / "ema.safetensors").exists():
+            log(f"{plan.path} holds no EMA (trained with --no-ema): the EMA starts from its weights")
     elif accelerator.is_main_process:
         exp_dir.mkdir(parents=True, exist_ok=True)
         write_json(exp_dir / "args.json", vars(args))
@@ -325,6 +385,7 @@ def main(args):
     names = ["loss", *loss_fn.term_names]
     sums = None
     window_start, window_steps = time.perf_counter(), 0
+    started, start_step, last_saved = time.perf_counter(), step, plan.path
     progress = tqdm(total=args.max_train_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     try:
         while step < args.max_train_steps and not interrupted["flag"]:
@@ -342,7 +403,7 @@ def main(args):
             checkpoint_due = step % args.checkpointing_steps == 0 or step == args.max_train_steps
             if step % args.log_every == 0 or checkpoint_due:
                 if any_true(accelerator, non_finite):
-                    log(f"stopped: non-finite loss at or before step {step}; the last good checkpoint is kept")
+                    log(f"stopped: non-finite loss at or before step {step}; {last_good(last_saved)}")
                     raise SystemExit(1)
                 elapsed = time.perf_counter() - window_start
                 mean = accelerator.reduce(sums, "mean") / (window_steps * args.gradient_accumulation_steps)
@@ -359,20 +420,20 @@ def main(args):
                     log(f"samples written to {write_samples(sampler, ema, raw_model, step, accelerator)}")
                 accelerator.wait_for_everyone()
             if checkpoint_due:
-                path = save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, description)
-                log(f"saved checkpoint {path}")
+                last_saved = save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, description)
+                log(f"saved checkpoint {last_saved}")
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         progress.close()
     if interrupted["flag"]:
         if any_true(accelerator, non_finite):
-            log("interrupted after a non-finite loss; no checkpoint written, the last good one is kept")
+            log(f"interrupted after a non-finite loss; no checkpoint written; {last_good(last_saved)}")
             raise SystemExit(1)
         path = save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, description)
         log(f"interrupted: saved checkpoint {path}; continue with --resume latest")
         raise SystemExit(130)
     accelerator.end_training()
-    log("done")
+    log(f"done at step {step}: {step - start_step} steps in {time.perf_counter() - started:.1f}s")
 
 
 def forward_backward(accelerator, model, loss_fn, latents, y, targets, args, sync=True):
@@ -407,6 +468,13 @@ def write_samples(sampler, ema, raw_model, step, accelerator):
         return sampler.write(raw_model, step, accelerator.autocast)
     finally:
         raw_model.train()
+
+
+def last_good(path):
+    """Which checkpoint a run stopped by a non-finite loss leaves to resume from."""
+    if path is None:
+        return "no good checkpoint exists: this run saved none and did not resume from one"
+    return f"the last good checkpoint is {path} (continue from it with --resume {path})"
 
 
 def any_true(accelerator, flag):
