@@ -174,7 +174,8 @@ def build_objective(args, model):
     factory = OBJECTIVES.get(name)
     options = accepted_options(factory, {k: getattr(args, k) for k in OBJECTIVE_OPTIONS}, set(args.explicit),
                                f"the {name!r} objective")
-    return factory(**options)
+    defaults = model.objective_defaults if name == model.default_objective else {}
+    return factory(**{**defaults, **options})
 
 
 def build_loss(args, objective):
