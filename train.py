@@ -22,7 +22,8 @@ from json_label_dataset import collate
 from loss import TrainingLoss
 from models import BACKBONES
 from omegadit import checkpoint
-from omegadit.conditioners import DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassConditioner, TextConditioner
+from omegadit.conditioners import (DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassConditioner, TextConditioner,
+                                   UnconditionalConditioner)
 from omegadit.objectives import AUX_LOSSES, OBJECTIVES
 from omegadit.options import accepted_options, explicit_options
 from omegadit.run_state import find_resume_dir, load_checkpoint, save_checkpoint
@@ -49,7 +50,7 @@ def build_parser():
                    help="initialise the weights from a checkpoint (directory, .safetensors, original OmegaDiT .pt)")
     g = p.add_argument_group("model (backbone options apply to the backbones that take them)")
     g.add_argument("--model", default="SiT-B/1", choices=BACKBONES.names())
-    g.add_argument("--num-classes", type=int, default=1000)
+    g.add_argument("--num-classes", type=int, default=1000, help="class labels (0: unconditional)")
     g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--sprint-drop-ratio", type=float, default=0.0)
     g.add_argument("--path-drop-prob", type=float, default=0.05)
@@ -132,6 +133,8 @@ def build_conditioner(args, dataset, device):
     """Text (captions through the text encoder, or cached embeddings) or class labels; returns (conditioner,
     the width of its caption tokens or None)."""
     if not args.use_json_dataset:
+        if args.num_classes == 0:
+            return UnconditionalConditioner(), None
         return ClassConditioner(args.num_classes, dropout=args.cfg_prob), None
     conditioner = TextConditioner(args.text_encoder, args.text_len, dropout=args.cfg_prob)
     if args.text_emb_dir is None or args.sample_every:
@@ -202,7 +205,7 @@ def build_sample_writer(args, dataset, conditioner, objective, latent_shape, dev
     if args.use_json_dataset:
         prompts = read_prompts(args.sample_prompts) if args.sample_prompts else dataset.captions[:args.num_samples]
     else:
-        prompts = list(range(args.num_classes))
+        prompts = list(range(args.num_classes)) or [""]  # unconditional (--num-classes 0): dummy conditions
     conditions = [prompts[i % len(prompts)] for i in range(args.num_samples)]
     decode = LatentDecoder(load_tokenizer(args.tokenizer, device=device), dataset.latent_mean, dataset.latent_std)
     return SampleWriter(Path(args.output_dir) / args.exp_name / "samples", objective, conditioner, decode,
