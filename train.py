@@ -125,6 +125,11 @@ def build_dataset(args):
     if args.use_json_dataset:
         from json_label_dataset import JsonLabelDataset
         return JsonLabelDataset(args.data_dir, label_file=args.label_file, text_emb_dir=args.text_emb_dir)
+    from image_folder_dataset import ImageFolderDataset, is_image_folder
+    if is_image_folder(args.data_dir):  # data_root/<class>/*.png, encoded with --tokenizer (cached)
+        dataset = ImageFolderDataset(args.data_dir, args.tokenizer)
+        args.num_classes = dataset.num_classes_for(args.num_classes, "num_classes" in args.explicit)
+        return dataset
     from dataset import CustomDataset
     return CustomDataset(args.data_dir)
 
