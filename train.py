@@ -25,6 +25,7 @@ from omegadit import checkpoint
 from omegadit.conditioners import (DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassConditioner, TextConditioner,
                                    UnconditionalConditioner)
 from omegadit.objectives import AUX_LOSSES, OBJECTIVES
+from omegadit.objectives.flow import DEFAULT_SHIFT_BASE
 from omegadit.options import accepted_options, explicit_options
 from omegadit.run_state import find_resume_dir, load_checkpoint, save_checkpoint
 from utils import ResumableBatchSampler, ema_decay_at, lr_lambda, parse_with_config, update_ema, write_json
@@ -92,7 +93,7 @@ def build_parser():
     g.add_argument("--path-type", default="linear", choices=["linear", "cosine"])
     g.add_argument("--weighting", default="uniform", choices=["uniform", "lognormal"])
     g.add_argument("--time-shifting", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--shift-base", type=int, default=4096)
+    g.add_argument("--shift-base", type=int, default=DEFAULT_SHIFT_BASE)
     g.add_argument("--cfg-prob", type=float, default=0.1, help="caption/label dropout for guidance")
     g.add_argument("--enc-type", default="dinov2-vit-b", help="REPA target encoders, comma separated, or 'none'")
     g.add_argument("--enc-weights", default=None, help="local weights file or folder for the REPA encoders")

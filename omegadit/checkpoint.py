@@ -21,11 +21,13 @@ from typing import NamedTuple, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from models import rebuild_backbone
-from omegadit.conditioners import DEFAULT_TEXT_ENCODER, build_conditioner
+from omegadit.conditioners import DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, build_conditioner
+from omegadit.files import load_safetensors
 from omegadit.objectives import build_objective
+from omegadit.objectives.flow import DEFAULT_SHIFT_BASE
 from omegadit.weights_io import load_state_dict_checked, read_weights_file
 
 FORMAT = 1
@@ -58,13 +60,7 @@ def save_weights(path, state_dict: dict, description: dict):
 
 def load_weights(path) -> dict:
     """The tensors of a safetensors file; a missing or damaged file is named in the error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    return load_safetensors(path)
 
 
 def read_metadata(path) -> dict:
@@ -173,14 +169,14 @@ def _legacy_description(weights: Path) -> dict:
 def sit_description(config: dict, args: dict) -> dict:
     text = config.get("text_dim") is not None
     conditioner = ({"name": "text", "config": {"text_encoder": args.get("clip_model_id") or DEFAULT_TEXT_ENCODER,
-                                               "text_len": config.get("text_len", 77)}}
+                                               "text_len": config.get("text_len", DEFAULT_TEXT_LEN)}}
                    if text else {"name": "class", "config": {"num_classes": config["num_classes"]}})
     description = {
         "format": FORMAT,
         "backbone": {"name": args.get("model", "SiT"), "architecture": "sit", "config": config},
         "objective": {"name": "flow", "config": {"path_type": args.get("path_type", "linear"),
                                                  "time_shifting": args.get("time_shifting", True),
-                                                 "shift_base": args.get("shift_base", 4096)}},
+                                                 "shift_base": args.get("shift_base", DEFAULT_SHIFT_BASE)}},
         "conditioner": conditioner,
         "autoencoder": args.get("tokenizer") or DEFAULT_AUTOENCODER,
         "sampling": {},

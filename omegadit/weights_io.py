@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from omegadit.files import load_safetensors, load_torch
+
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -20,15 +22,9 @@ def strip_wrapper_prefixes(state_dict: dict, prefixes=WRAPPER_PREFIXES) -> dict:
 
 
 def load_torch_file(path):
-    """torch.load(path) with weights_only=True; a file that needs code to load is refused, naming the file."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # the unpickler raises UnpicklingError or RuntimeError depending on the cause
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            raise ValueError(f"refusing to load code from {path}: it is not a plain weights file "
-                             f"({str(err).splitlines()[0][:200]})") from None
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+    """A .pt/.pth through the weights-only unpickler (omegadit.files.load_torch), argparse.Namespace admitted."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return load_torch(path)
 
 
 def read_weights_file(path, use_ema: bool = True):
@@ -39,8 +35,7 @@ def read_weights_file(path, use_ema: bool = True):
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        tensors = load_file(str(path))
+        tensors = load_safetensors(path)
         checkpoint = {entry: {k[len(entry) + 1:]: v for k, v in tensors.items() if k.startswith(entry + ".")}
                       for entry in ("ema", "model")}
         checkpoint = {k: v for k, v in checkpoint.items() if v} or tensors

@@ -6,6 +6,7 @@
     python preprocessing/dataset_tools.py encode-vavae --tokenizer pixel --gpus 0 \\
         --source DATA/images --dest DATA/vae-in
     python preprocessing/dataset_tools.py encode-text --data-dir DATA --text-encoder <hub id or path>
+    python preprocessing/dataset_tools.py check --data-dir DATA
 
 Every command keeps relative paths (<rel_dir>/<stem>.<ext>), writes each file atomically and skips
 outputs that already exist, so an interrupted run resumes where it stopped.
@@ -28,9 +29,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from json_label_dataset import IMAGE_EXTENSIONS, list_files, read_labels, to_rgb  # noqa: E402
+from dataset import read_class_labels  # noqa: E402
+from json_label_dataset import (IMAGE_EXTENSIONS, STATS_FILENAME, file_id, list_files, load_latent_stats,  # noqa: E402
+                                read_labels, to_rgb)
 from models.tokenizers import load_tokenizer  # noqa: E402
 from models.vavae import read_vavae_config, resolve_checkpoint  # noqa: E402
+from omegadit.data_checks import (common_value, image_content_problems, image_header_problems,  # noqa: E402
+                                  npy_content_problems, npy_header_problems, problem)
+from omegadit.files import UnsafeFileError, parse_json, read_json  # noqa: E402
+from omegadit.conditioners import DEFAULT_TEXT_LEN  # noqa: E402
 
 
 class ImageSource:
@@ -73,13 +80,12 @@ class ImageSource:
             with zipfile.ZipFile(self.path) as z:
                 if "dataset.json" not in z.namelist():
                     return None
-                data = json.loads(z.read("dataset.json"))
+                data = parse_json(z.read("dataset.json"), f"{self.path}/dataset.json")
         else:
             meta = os.path.join(self.path, "dataset.json")
             if not os.path.isfile(meta):
                 return None
-            with open(meta, encoding="utf-8") as f:
-                data = json.load(f)
+            data = read_json(meta)
         return {name: label for name, label in data.get("labels") or []}
 
 
@@ -311,7 +317,7 @@ def _safe_id(key: str) -> str:
 
 
 def encode_text(data_dir, text_encoder: str, label_file=None, dest=None, batch_size: int = 256, device=None,
-                caption_key: str = "en", text_len: int = 77) -> dict:
+                caption_key: str = "en", text_len: int = DEFAULT_TEXT_LEN) -> dict:
     """Cache caption embeddings (text_len, dim) float16 as <dest>/<id>.npy (dest defaults to data_dir/text-emb)."""
     label_file = label_file or os.path.join(data_dir, "labels.json")
     dest = dest or os.path.join(data_dir, "text-emb")
@@ -331,6 +337,107 @@ def encode_text(data_dir, text_encoder: str, label_file=None, dest=None, batch_s
             for key, embedding in zip(keys, embeddings):
                 save_npy(os.path.join(dest, key + ".npy"), embedding)
     return {"encoded": len(todo), "skipped_existing": len(captions) - len(todo)}
+
+
+# ------------------------------------------------------------------------------------------------------------ check
+
+def _scan(root: Path, extensions, problems: list) -> dict:
+    """{id: path} of the files under `root`; a missing folder and files sharing an id are problems."""
+    if not root.is_dir():
+        problems.append((root, "folder missing"))
+        return {}
+    found = {}
+    for rel in list_files(root, extensions):
+        key = file_id(rel)
+        if key in found:
+            problems.append((root / rel, f"has the id '{key}' of {found[key]} too"))
+        else:
+            found[key] = root / rel
+    return found
+
+
+def _label_source(data_dir: Path, label_file, caption_key: str, problems: list):
+    """(kind, {id: label file}, label file) of the captions or class labels; None when they cannot be read."""
+    caption_file = Path(label_file) if label_file else data_dir / "labels.json"
+    candidates = [("caption", caption_file, lambda p: read_labels(p, caption_key))]
+    if not label_file:
+        candidates += [("label", data_dir / folder / "dataset.json", read_class_labels)
+                       for folder in ("vae-in", "images")]
+    for kind, path, read in candidates:
+        if path.is_file():
+            try:
+                return kind, dict.fromkeys(read(path), path), path
+            except ValueError as e:
+                problems.append(problem(path, e))
+                return None
+    problems.append((caption_file, "missing (nor is there a vae-in/dataset.json of class labels)"))
+    return None
+
+
+def _pairing_problems(sources: dict) -> list:
+    """One problem per id that lacks a file of some kind, reported at a file it does have."""
+    problems = []
+    for key in sorted(set().union(*(found for found, _ in sources.values()))):
+        lacking = [f"no {kind} in {where}" for kind, (found, where) in sources.items() if key not in found]
+        if lacking:
+            present = next(found[key] for found, _ in sources.values() if key in found)
+            problems.append((present, f"id '{key}' has {', '.join(lacking)}"))
+    return problems
+
+
+def _stats_problems(stats_file: Path, latent_shapes: dict) -> list:
+    """Problems of the cached latent statistics: unreadable, unusable, or for another channel count."""
+    if not stats_file.is_file():
+        return []
+    try:
+        mean, _ = load_latent_stats(stats_file)
+    except (ValueError, UnsafeFileError) as e:
+        return [problem(stats_file, e)]
+    shape = common_value(list(latent_shapes.values()))
+    if shape is not None and mean.shape[0] != shape[0]:
+        return [(stats_file, f"statistics for {mean.shape[0]} channels but the latents have {shape[0]}; delete it")]
+    return []
+
+
+def _npy_problems(paths, ndim: int, kind: str, squeeze_batch: bool = False):
+    """(problems, {path: shape}) of .npy files: header checks, then a full load of those that pass them."""
+    problems, shapes = npy_header_problems(paths, ndim, kind, squeeze_batch)
+    flagged = {path for path, _ in problems}
+    return problems + npy_content_problems([p for p in paths if p not in flagged]), shapes
+
+
+def _image_problems(paths) -> list:
+    """Problems of image files: header checks, then a full decode of those that pass them."""
+    problems, _ = image_header_problems(paths)
+    flagged = {path for path, _ in problems}
+    return problems + image_content_problems([p for p in paths if p not in flagged])
+
+
+def check_dataset(data_dir, label_file=None, caption_key: str = "en", text_emb_dir=None) -> dict:
+    """Load every file of a dataset (images, latents, labels, text embeddings if present, statistics).
+
+    Returns {'problems': [(path, message), ...], 'items': number of ids, 'counts': {kind: files}}.
+    """
+    data_dir = Path(data_dir)
+    text_emb_dir = Path(text_emb_dir) if text_emb_dir else data_dir / "text-emb"
+    problems = []
+    sources = {"image": (_scan(data_dir / "images", IMAGE_EXTENSIONS, problems), data_dir / "images"),
+               "latent": (_scan(data_dir / "vae-in", {".npy"}, problems), data_dir / "vae-in")}
+    if text_emb_dir.is_dir():
+        sources["text embedding"] = (_scan(text_emb_dir, {".npy"}, problems), text_emb_dir)
+    labels = _label_source(data_dir, label_file, caption_key, problems)
+    if labels is not None:
+        sources[labels[0]] = (labels[1], labels[2])
+    problems += _pairing_problems(sources)
+    problems += _image_problems(list(sources["image"][0].values()))
+    latent_problems, latent_shapes = _npy_problems(list(sources["latent"][0].values()), 3, "latents", True)
+    problems += latent_problems
+    if "text embedding" in sources:
+        problems += _npy_problems(list(sources["text embedding"][0].values()), 2, "text embeddings")[0]
+    problems += _stats_problems(data_dir / "vae-in" / STATS_FILENAME, latent_shapes)
+    ids = set().union(*(found for found, _ in sources.values()))
+    counts = {kind: len(found) for kind, (found, _) in sources.items()}
+    return {"problems": problems, "items": len(ids), "counts": counts}
 
 
 # ---------------------------------------------------------------------------------------------------------- command
@@ -380,21 +487,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", help="torch device (default: cuda if available)")
     p.add_argument("--caption-key", default="en", help="caption field of labels.json entries")
-    p.add_argument("--text-len", type=int, default=77, help="caption tokens (train.py --text-len must match)")
+    p.add_argument("--text-len", type=int, default=DEFAULT_TEXT_LEN, help="caption tokens (train.py --text-len must match)")
+
+    p = commands.add_parser("check", help="load every file of a dataset and list each problem (exit code 1 if any)")
+    p.add_argument("--data-dir", required=True, help="dataset root (images/, vae-in/, labels.json, text-emb/)")
+    p.add_argument("--label-file", help="captions JSON (default: DATA/labels.json, else vae-in/dataset.json)")
+    p.add_argument("--caption-key", default="en", help="caption field of labels.json entries")
+    p.add_argument("--text-emb-dir", help="cached caption embeddings (default: DATA/text-emb, when it exists)")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run_command(args)
+        return run_command(args)
     except FileNotFoundError as e:
         print(f"{args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
-def run_command(args) -> None:
+def report_check(data_dir, result) -> int:
+    """Print the problems of check_dataset's `result`, one line each, sorted by file; 1 if any, else 0."""
+    counts = ", ".join(f"{n} {kind}s" for kind, n in result["counts"].items())
+    print(f"check: {data_dir}: {result['items']} ids ({counts})")
+    for path, message in sorted(result["problems"], key=lambda p: str(p[0])):
+        print(f"{path}: {message}")
+    print(f"check: {len(result['problems']) or 'no'} problems found")
+    return 1 if result["problems"] else 0
+
+
+def run_command(args) -> int:
+    """Run one subcommand; returns the exit code."""
+    if args.command == "check":
+        return report_check(args.data_dir, check_dataset(args.data_dir, args.label_file, args.caption_key,
+                                                           args.text_emb_dir))
     if args.command == "convert":
         result = convert(args.source, args.dest, args.resolution, args.max_images, args.workers, args.dir_labels,
                          args.compress_level, args.overwrite)
@@ -412,6 +538,7 @@ def run_command(args) -> None:
         result = encode_text(args.data_dir, args.text_encoder, args.label_file, args.dest, args.batch_size,
                              args.device, args.caption_key, args.text_len)
         print(f"encode-text: {result['encoded']} encoded, {result['skipped_existing']} already there")
+    return 0
 
 
 if __name__ == "__main__":

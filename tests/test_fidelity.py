@@ -50,3 +50,19 @@ def test_ema_warmup_decay():
     assert ema_decay_at(90, 0.9999, warmup=True) == 0.91
     assert ema_decay_at(10 ** 7, 0.9999, warmup=True) == 0.9999
     assert ema_decay_at(0, 0.9999, warmup=False) == 0.9999
+
+
+def test_split_point_path_drop_equals_per_sample_mask():
+    """Guidance with path drop calls the SiT with uncond=k: the same outputs as the per-sample mask, while the
+    sparse blocks run on the conditional samples only."""
+    model = tiny_text_sit(path_drop_prob=0.0).eval()
+    x, t, y = inputs(model, batch=4)
+    mask = torch.tensor([False, False, True, True])
+    calls = []
+    hook = model.blocks[2].register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
+    with torch.no_grad():
+        split, _ = model(x, t, y, uncond=2)
+        assert calls == [2]
+        per_sample, _ = model(x, t, y, uncond=mask)
+    hook.remove()
+    torch.testing.assert_close(split, per_sample, rtol=1e-5, atol=1e-6)

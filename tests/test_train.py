@@ -15,7 +15,8 @@ import train
 from conftest import REPO_ROOT
 from loss import SILoss, TrainingLoss
 from models.sit import SiT
-from test_sit import randomize, to_reference_layout
+from conftest import randomize
+from test_sit import to_reference_layout
 
 
 def train_argv(data_dir, out_dir, minilm, *extra):
