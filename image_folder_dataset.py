@@ -218,7 +218,8 @@ class ImageFolderDataset(Dataset):
 
         state = PartialState()
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.tokenizer_spec).strip("_")[-48:]
-        directory = _cache_root(self.data_dir) / f"{name}-{_fingerprint(self.data_dir, self.files, self.tokenizer_spec)}"
+        fingerprint = _fingerprint(self.data_dir, self.files, self.tokenizer_spec)
+        directory = _cache_root(self.data_dir) / f"{name}-{fingerprint}"
         with state.main_process_first():
             if not (directory / "index.json").is_file():
                 if not state.is_main_process:
