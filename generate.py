@@ -18,7 +18,7 @@ from accelerate.utils import parse_flag_from_env
 from PIL import Image
 from tqdm.auto import tqdm
 
-from omegadit import checkpoint
+from omegadit import checkpoint, compat
 from omegadit.importers import IMPORTERS
 from omegadit.prompts import read_prompts
 from omegadit.sampling import SAMPLERS, check_sampler
@@ -42,7 +42,8 @@ def parse_args(argv=None):
     g.add_argument("--prompts-file", default=None, help="text file (one prompt per line) or a labels.json")
     g.add_argument("--prompt", default=None, help="a single prompt")
     g.add_argument("--num-images-per-prompt", type=int, default=1)
-    g.add_argument("--balanced-sampling", action="store_true", help="class models: labels i %% num_classes")
+    g.add_argument("--balanced-sampling", action=argparse.BooleanOptionalAction, default=False,
+                   help="class models: labels i %% num_classes")
     g.add_argument("--num-fid-samples", type=int, default=None,
                    help="number of images (default: prompts x images per prompt; 50000 for class models)")
     g.add_argument("--per-proc-batch-size", type=int, default=64)
@@ -50,12 +51,14 @@ def parse_args(argv=None):
     g.add_argument("--sampler", default=None, choices=SAMPLERS.names(),
                    help="default: from --mode, else the checkpoint's objective's own")
     g.add_argument("--mode", default=None, choices=["sde", "ode"], help="flow models: sde (Euler-Maruyama) or ode")
-    g.add_argument("--heun", action="store_true", help="ODE mode: Heun's second-order method instead of Euler")
+    g.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
+                   help="ODE mode: Heun's second-order method instead of Euler")
     g.add_argument("--num-steps", type=int, default=None, help="default: the checkpoint's, else 50")
     g.add_argument("--cfg-scale", type=float, default=None, help="default: the checkpoint's, else 4.0")
     g.add_argument("--guidance-low", type=float, default=None, help="default: the checkpoint's, else 0")
     g.add_argument("--guidance-high", type=float, default=None, help="default: the checkpoint's, else 1")
-    g.add_argument("--path-drop", action="store_true", help="path drop in the unconditional branch of guidance")
+    g.add_argument("--path-drop", action=argparse.BooleanOptionalAction, default=False,
+                   help="path drop in the unconditional branch of guidance (the original's default)")
     g.add_argument("--time-shifting", action=argparse.BooleanOptionalAction, default=None,
                    help="shift the time grid (default: as in training)")
     g.add_argument("--shift-base", type=int, default=None, help="default: as in training")
@@ -64,6 +67,8 @@ def parse_args(argv=None):
                    help="torch.compile the model (default: on with CUDA, off on CPU)")
     g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"],
                    help="bf16 model calls (auto: when the GPU supports bf16)")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
+                   help="TF32 matmuls on the GPU (the original's default)")
     g = p.add_argument_group("decoding (defaults: what the checkpoint records)")
     g.add_argument("--tokenizer", default=None, help="pixel, vavae:CONFIG.yaml or a diffusers AutoencoderKL")
     g.add_argument("--vae-ckpt", default=None, help="VA-VAE checkpoint path (overrides the config's ckpt_path)")
@@ -71,7 +76,9 @@ def parse_args(argv=None):
     g.add_argument("--text-encoder", "--clip-model-id", dest="text_encoder", default=None,
                    help="text encoder id or directory")
     g.add_argument("--grid-size", type=int, default=16, help="images in the grid PNG")
-    return parse_with_config(p, argv)
+    compat.add_original_flags(p, "generate")
+    compat.apply_recipe(p, argv, "generate")
+    return compat.resolve(p, parse_with_config(p, argv), "generate")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -116,7 +123,9 @@ def conditions_for(args, model):
         elif args.prompts_file:
             prompts = read_prompts(args.prompts_file)
         else:
-            raise ValueError("a text model needs --prompt or --prompts-file")
+            compat.say(f"no --prompt or --prompts-file: sampling the original OmegaDiT's evaluation prompts "
+                       f"({compat.ORIGINAL_PROMPTS.relative_to(compat.REPO_ROOT)})")
+            prompts = read_prompts(compat.ORIGINAL_PROMPTS)
         expanded = [p for p in prompts for _ in range(args.num_images_per_prompt)]
         total = args.num_fid_samples or len(expanded)
         return [expanded[i % len(expanded)] for i in range(total)], total
@@ -146,6 +155,9 @@ def main(args):
     state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = state.device
     loaded = checkpoint.load(args.ckpt, use_ema=not args.no_ema, source_format=args.ckpt_format)
+    if not args.no_ema and loaded.weights == "model":
+        compat.say(f"{args.ckpt} holds no EMA weights (trained without EMA): sampling its raw weights")
+        args.no_ema = True
     model = loaded.model.to(device)
     objective = apply_overrides(loaded, args)
     defaults = loaded.description.get("sampling", {})
@@ -154,9 +166,13 @@ def main(args):
     sample_fn = check_sampler(sampler, objective)
     conditions, total = conditions_for(args, model)
     decode = build_decoder(args, loaded, device)
+    compat.check_checkpoint(args, loaded, decode.tokenizer.downsample)
     conditioner = build_conditioner(args, loaded, model, device)
     use_bf16 = args.mixed_precision == "bf16" or (
         args.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if args.compile if args.compile is not None else device.type == "cuda":
         model.compile()
 

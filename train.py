@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from json_label_dataset import collate
 from loss import TrainingLoss
 from models import BACKBONES
-from omegadit import checkpoint
-from omegadit.conditioners import (DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassConditioner, TextConditioner,
-                                   UnconditionalConditioner)
+from omegadit import checkpoint, compat
+from omegadit.conditioners import DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassConditioner, TextConditioner
+from omegadit.conditioners import UnconditionalConditioner
 from omegadit.objectives import AUX_LOSSES, OBJECTIVES
 from omegadit.objectives.flow import DEFAULT_SHIFT_BASE
 from omegadit.options import accepted_options, explicit_options
@@ -81,6 +81,9 @@ def build_parser():
     g.add_argument("--adam-weight-decay", type=float, default=0.0)
     g.add_argument("--adam-epsilon", type=float, default=1e-8)
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global grad norm (0: off)")
+    g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep an EMA of the weights (saved as ema.safetensors, sampled by default); --no-ema keeps "
+                        "none, as the original did")
     g.add_argument("--ema-decay", type=float, default=0.9999)
     g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="EMA decay min(decay, (1+n)/(10+n)) at step n")
@@ -106,12 +109,15 @@ def build_parser():
     g.add_argument("--num-samples", type=int, default=16)
     g.add_argument("--sample-steps", type=int, default=50)
     g.add_argument("--cfg-scale", type=float, default=4.0)
-    return p
+    g.add_argument("--guidance-low", type=float, default=0.0, help="guidance interval of the sample grids")
+    g.add_argument("--guidance-high", type=float, default=1.0)
+    return compat.add_original_flags(p, "train")
 
 
 def parse_args(argv=None):
     parser = build_parser()
-    args = parse_with_config(parser, argv)
+    compat.apply_recipe(parser, argv, "train")
+    args = compat.resolve(parser, parse_with_config(parser, argv), "train")
     if args.enc_type.lower() == "none":
         args.enc_type = "none"
     args.explicit = sorted(explicit_options(parser, args))
@@ -216,7 +222,7 @@ def build_sample_writer(args, dataset, conditioner, objective, latent_shape, dev
     decode = LatentDecoder(load_tokenizer(args.tokenizer, device=device), dataset.latent_mean, dataset.latent_std)
     return SampleWriter(Path(args.output_dir) / args.exp_name / "samples", objective, conditioner, decode,
                         conditions, latent_shape, device, seed=args.seed, num_steps=args.sample_steps,
-                        cfg_scale=args.cfg_scale)
+                        cfg_scale=args.cfg_scale, interval=(args.guidance_low, args.guidance_high))
 
 
 def compile_for_training(model, frozen):
@@ -251,6 +257,7 @@ def main(args):
     image, latent, _ = dataset[0]
     resolution = image.shape[-1]
     latent_shape = tuple(latent.shape)
+    compat.check_training_data(args, resolution, latent_shape)
     conditioner, text_dim = build_conditioner(args, dataset, device)
     encoders = build_repa_encoders(args, resolution, device)
     model = build_backbone(args, latent_shape, text_dim, [e.z_dim for e in encoders])
@@ -267,7 +274,7 @@ def main(args):
         log(f"initialised weights from {args.init_from}")
     model.seed_training_rng(args.seed)
     model.set_gradient_checkpointing(args.gradient_checkpointing)
-    ema = deepcopy(model).to(device).eval().requires_grad_(False)
+    ema = deepcopy(model).to(device).eval().requires_grad_(False) if args.ema else None
     model.to(device).train()
     if args.enc_type == "none":
         log("REPA is off (--enc-type none): the projection loss is 0")
@@ -295,6 +302,8 @@ def main(args):
     if resume_dir is not None:
         step = load_checkpoint(resume_dir, accelerator, model, ema, optimizer, scheduler)
         log(f"resumed from {resume_dir} at step {step}")
+        if ema is not None and not (resume_dir / "ema.safetensors").exists():
+            log(f"{resume_dir} holds no EMA (trained with --no-ema): the EMA starts from its weights")
     elif accelerator.is_main_process:
         exp_dir.mkdir(parents=True, exist_ok=True)
         write_json(exp_dir / "args.json", vars(args))
@@ -356,7 +365,7 @@ def main(args):
                 sums, window_start, window_steps = None, time.perf_counter(), 0
             if sampler is not None and step % args.sample_every == 0:
                 if accelerator.is_main_process:
-                    log(f"samples written to {sampler.write(ema, step, accelerator.autocast)}")
+                    log(f"samples written to {write_samples(sampler, ema, raw_model, step, accelerator)}")
                 accelerator.wait_for_everyone()
             if checkpoint_due:
                 path = save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, description)
@@ -393,8 +402,20 @@ def optimizer_step(accelerator, model, ema, optimizer, scheduler, args, step):
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    update_ema(ema, raw, ema_decay_at(step, args.ema_decay, args.ema_warmup))
+    if ema is not None:
+        update_ema(ema, raw, ema_decay_at(step, args.ema_decay, args.ema_warmup))
     return grad_norm
+
+
+def write_samples(sampler, ema, raw_model, step, accelerator):
+    """A sample grid of the EMA, or of the raw weights (in eval mode for the call) when there is no EMA."""
+    if ema is not None:
+        return sampler.write(ema, step, accelerator.autocast)
+    raw_model.eval()
+    try:
+        return sampler.write(raw_model, step, accelerator.autocast)
+    finally:
+        raw_model.train()
 
 
 def any_true(accelerator, flag):

@@ -31,6 +31,7 @@ if __package__ in (None, ""):
 
 from evaluations.inception import load_inception  # noqa: E402
 from evaluations.vgg import load_vgg16  # noqa: E402
+from omegadit import compat  # noqa: E402
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -357,9 +358,10 @@ def evaluate(ref_path, sample_path, model, batch_size=64, ref_cache=None, split_
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("ref_batch", help="reference batch: .npz (arr_0 uint8 NHWC images; mu/sigma/mu_s/sigma_s "
-                                          "used) or a folder of .png/.jpg images")
-    parser.add_argument("sample_batch", help="sample batch: .npz (arr_0 uint8 NHWC images) or a folder of images")
+    parser.add_argument("ref_batch", nargs="?", help="reference batch: .npz (arr_0 uint8 NHWC images; "
+                                                     "mu/sigma/mu_s/sigma_s used) or a folder of .png/.jpg images")
+    parser.add_argument("sample_batch", nargs="?",
+                        help="sample batch: .npz (arr_0 uint8 NHWC images) or a folder of images")
     parser.add_argument("--save-path", default=None, help="write the metrics as JSON here")
     parser.add_argument("--inception-weights", default=None,
                         help="pt_inception-2015-12-05-6726825d.pth (default: the torch.hub cache, downloaded there)")
@@ -377,7 +379,8 @@ def main(argv=None):
     parser.add_argument("--nhood-size", type=int, default=3, help="k of precision/recall (default: 3)")
     parser.add_argument("--pr-batch-size", type=int, default=10000,
                         help="rows and columns per precision/recall distance block (default: 10000)")
-    args = parser.parse_args(argv)
+    compat.add_original_flags(parser, "evaluator", recipes=False)
+    args = compat.resolve_evaluator(parser, parser.parse_args(argv))
 
     device = torch.device(args.device) if args.device else _default_device()
     try:
@@ -400,6 +403,10 @@ def main(argv=None):
         metrics.update(ref_batch=args.ref_batch, sample_batch=args.sample_batch)
         with open(args.save_path, "w") as f:
             json.dump(metrics, f, indent=2)
+    original_path = compat.original_metrics_path(args)
+    if original_path is not None:
+        compat.write_original_metrics(original_path, metrics)
+        print(f"wrote {original_path}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from omegadit.conditioners import DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, build_
 from omegadit.files import load_safetensors
 from omegadit.objectives import build_objective
 from omegadit.objectives.flow import DEFAULT_SHIFT_BASE
-from omegadit.weights_io import load_state_dict_checked, read_weights_file
+from omegadit.weights_io import load_state_dict_checked, read_weights_entry
 
 FORMAT = 1
 META_KEY = "omegadit"
@@ -86,14 +86,15 @@ def read_description(path) -> Optional[dict]:
 
 class Loaded(NamedTuple):
     """A checkpoint ready for sampling: the network in eval mode, its objective and conditioner, the autoencoder
-    spec, the latent statistics ((mean, std) tensors of shape (C, 1, 1), or None when unknown) and the
-    description."""
+    spec, the latent statistics ((mean, std) tensors of shape (C, 1, 1), or None when unknown), the description,
+    and which weights were loaded: 'ema', 'model' (the raw weights) or None when the file does not say."""
     model: torch.nn.Module
     objective: object
     conditioner: object
     autoencoder: str
     latent_stats: Optional[tuple]
     description: dict
+    weights: Optional[str] = None
 
 
 def build(description: dict, state_dict: dict, source) -> Loaded:
@@ -110,10 +111,13 @@ def build(description: dict, state_dict: dict, source) -> Loaded:
 
 
 def weights_file(path, use_ema: bool = True) -> Path:
-    """The weights file of a checkpoint directory (ema.safetensors or model.safetensors) or the file itself."""
+    """The weights file of a checkpoint directory (ema.safetensors or model.safetensors; model.safetensors when a
+    run that kept no EMA wrote it) or the file itself."""
     path = Path(path)
     if path.is_dir():
         weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
+        if use_ema and not weights.exists() and (path / "model.safetensors").exists():
+            weights = path / "model.safetensors"
         if not weights.exists():
             raise FileNotFoundError(f"{path} is not a train.py checkpoint directory: {weights.name} is missing")
         return weights
@@ -133,12 +137,13 @@ def load(path, use_ema: bool = True, source_format: Optional[str] = None) -> Loa
         metadata = read_metadata(weights)
         if META_KEY in metadata or "config" in metadata:
             description = read_description(weights) or _legacy_description(weights)
-            return build(description, load_weights(weights), weights)
+            kind = {"ema.safetensors": "ema", "model.safetensors": "model"}.get(weights.name)
+            return build(description, load_weights(weights), weights)._replace(weights=kind)
     from omegadit.importers import import_checkpoint
 
-    state_dict, args = read_weights_file(weights, use_ema)
+    state_dict, args, entry = read_weights_entry(weights, use_ema)
     description, converted = import_checkpoint(state_dict, args, source_format)
-    return build(description, converted, weights)
+    return build(description, converted, weights)._replace(weights=entry)
 
 
 def _read_args(weights: Path) -> dict:

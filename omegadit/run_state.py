@@ -1,5 +1,6 @@
 """Training checkpoints of train.py: exps/<exp>/checkpoints/<step>/ with the self-describing weights
-(model.safetensors, ema.safetensors), the optimizer, schedule and per-rank random states, written atomically."""
+(model.safetensors; ema.safetensors unless the run keeps no EMA), the optimizer, schedule and per-rank random
+states, written atomically."""
 import re
 import shutil
 from pathlib import Path
@@ -41,7 +42,7 @@ def find_resume_dir(args):
 
 
 def save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, description):
-    """Write exps/<exp>/checkpoints/<step> atomically; returns its path."""
+    """Write exps/<exp>/checkpoints/<step> atomically (no ema.safetensors when `ema` is None); returns its path."""
     root = checkpoint_root(args)
     final = root / f"{step:07d}"
     tmp = root / f"{step:07d}.tmp"
@@ -54,7 +55,8 @@ def save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, d
     if accelerator.is_main_process:
         raw = accelerator.unwrap_model(model)
         save_weights(tmp / "model.safetensors", raw.state_dict(), description)
-        save_weights(tmp / "ema.safetensors", ema.state_dict(), description)
+        if ema is not None:
+            save_weights(tmp / "ema.safetensors", ema.state_dict(), description)
         torch.save({
             "step": step,
             "optimizer": optimizer.state_dict(),
@@ -72,10 +74,13 @@ def save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, d
 
 
 def load_checkpoint(path, accelerator, model, ema, optimizer, scheduler) -> int:
-    """Restore everything `save_checkpoint` wrote; returns the step."""
+    """Restore everything `save_checkpoint` wrote; returns the step. An EMA (`ema` not None) resumed from a
+    checkpoint without one starts from the model's weights."""
     raw = accelerator.unwrap_model(model)
     raw.load_state_dict(load_weights(path / "model.safetensors"))
-    ema.load_state_dict(load_weights(path / "ema.safetensors"))
+    if ema is not None:
+        has_ema = (path / "ema.safetensors").exists()
+        ema.load_state_dict(load_weights(path / "ema.safetensors") if has_ema else raw.state_dict())
     state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

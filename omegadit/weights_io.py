@@ -31,6 +31,12 @@ def read_weights_file(path, use_ema: bool = True):
     """(state dict, training args as a dict) of a checkpoint file: a bare state dict, or a dict with 'ema' and/or
     'model' entries ('ema' preferred when use_ema) and optionally 'args'. In a .safetensors file the entries are
     key prefixes 'ema.' / 'model.'."""
+    return read_weights_entry(path, use_ema)[:2]
+
+
+def read_weights_entry(path, use_ema: bool = True):
+    """read_weights_file's (state dict, args), and the entry it took: 'ema', 'model', or None for a bare state
+    dict."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -47,9 +53,9 @@ def read_weights_file(path, use_ema: bool = True):
     args = vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
     for key in ("ema", "model") if use_ema else ("model", "ema"):
         if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key], args
+            return checkpoint[key], args, key
     if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return checkpoint, args
+        return checkpoint, args, None
     raise ValueError(f"{path}: no 'model' or 'ema' entry and not a bare state dict; keys are {sorted(checkpoint)[:10]}")
 
 

@@ -40,6 +40,9 @@ from omegadit.files import UnsafeFileError, parse_json, read_json  # noqa: E402
 from omegadit.conditioners import DEFAULT_TEXT_LEN  # noqa: E402
 
 
+ENCODING_RECORD = "encoding.json"
+
+
 class ImageSource:
     """Image files of a folder or a zip archive, by sorted relative path ('/'-separated)."""
 
@@ -233,8 +236,10 @@ def _keep_list(batch):
     return batch
 
 
-def _encode_shard(rank, world, spec, ckpt_path, source, dest, names, batch_size, dtype, workers, device_type):
-    """Encode names[rank::world] on cuda:rank (or the CPU) and save <dest>/<output>.npy files."""
+def _encode_shard(rank, world, spec, ckpt_path, source, dest, names, batch_size, dtype, workers, device_type,
+                  posterior=None):
+    """Encode names[rank::world] on cuda:rank (or the CPU) and save <dest>/<output>.npy files; `posterior` is None
+    (no posterior), ('mean', seed) or ('sample', seed)."""
     device = torch.device(f"cuda:{rank}" if device_type == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -251,7 +256,12 @@ def _encode_shard(rank, world, spec, ckpt_path, source, dest, names, batch_size,
                 else:
                     groups.setdefault(tuple(image.shape), []).append((name, image))
             for items in groups.values():
-                latents = tokenizer.encode(torch.stack([image for _, image in items]).to(device, non_blocking=True))
+                images = torch.stack([image for _, image in items]).to(device, non_blocking=True)
+                if posterior is not None and posterior[0] == "sample":
+                    ids = [os.path.splitext(name)[0] for name, _ in items]
+                    latents = tokenizer.encode_sample(images, ids, posterior[1])
+                else:
+                    latents = tokenizer.encode(images)
                 latents = latents.cpu().numpy().astype(dtype)
                 for (name, _), latent in zip(items, latents):
                     save_npy(os.path.join(dest, os.path.splitext(name)[0] + ".npy"), latent)
@@ -262,22 +272,57 @@ def _encode_worker(rank, *args):
     _encode_shard(rank, *args)
 
 
-def run_shards(world, device_type, *args):
+def run_shards(world, device_type, *args, posterior=None):
     """Run _encode_shard for ranks 0..world-1: in this process when world == 1, else one spawned process each."""
     if world == 1:
-        _encode_shard(0, 1, *args, device_type)
+        _encode_shard(0, 1, *args, device_type, posterior)
     else:
-        torch.multiprocessing.spawn(_encode_worker, args=(world, *args, device_type), nprocs=world, join=True)
+        torch.multiprocessing.spawn(_encode_worker, args=(world, *args, device_type, posterior), nprocs=world,
+                                    join=True)
+
+
+def default_posterior(tokenizer: str):
+    """The posterior latent a tokenizer spec encodes to by default: 'sample' for VA-VAE (what the original
+    OmegaDiT stored), 'mean' for other VAEs, None for the pixel tokenizer (it has no posterior)."""
+    if tokenizer == "pixel" or tokenizer.startswith("pixel:"):
+        return None
+    return "sample" if tokenizer.startswith("vavae:") else "mean"
+
+
+def check_encoding_record(dest, record: dict, existing: int) -> None:
+    """<dest>/encoding.json records how its latents were encoded; a run that would take another posterior latent
+    (mean or sample, or another seed) into the same folder is refused, so that one folder never mixes the two. A
+    folder that already holds `existing` latents but no record gets none (how they were made is unknown), and a
+    note."""
+    path = Path(dest) / ENCODING_RECORD
+    if path.is_file():
+        held = json.loads(path.read_text())
+        keys = ("posterior", "posterior_seed")
+        if [held.get(k) for k in keys] != [record.get(k) for k in keys]:
+            raise ValueError(f"{dest} holds latents encoded with {held}; this run would encode with {record}: "
+                             f"use another --dest or the same settings")
+    elif existing:
+        print(f"encode: {dest} already holds {existing} latents but no {ENCODING_RECORD}; make sure they were encoded "
+              f"with {record} (VA-VAE latents were posterior means before --posterior existed)")
+    else:
+        os.makedirs(dest, exist_ok=True)
+        atomic_write(path, lambda f: f.write(json.dumps(record, indent=2).encode()))
 
 
 def encode(source, dest, tokenizer: str, ckpt_path=None, gpus: int = 0, batch_size: int = 100, max_images=None,
-           dtype: str = "float32", workers: int = 0) -> dict:
+           dtype: str = "float32", workers: int = 0, posterior=None, posterior_seed: int = 0) -> dict:
     """Encode the images of a folder or zip to raw latents <dest>/<rel_dir>/<stem>.npy (C, h, w).
 
     gpus=0 runs on the CPU in this process; gpus=N>=1 uses cuda:0..N-1, one process each, images split
     round-robin. Existing outputs are skipped. A source dataset.json is carried over with latent names.
-    Returns counts and the names that could not be encoded.
+    `posterior`: 'sample' (a sample of the posterior, its noise seeded by posterior_seed and the image's id),
+    'mean', or None for the tokenizer's default (default_posterior). Returns counts and the names that could not be
+    encoded.
     """
+    default = default_posterior(tokenizer)
+    posterior = posterior or default
+    if default is None and posterior is not None:
+        raise ValueError(f"--posterior {posterior}: the '{tokenizer}' tokenizer has no posterior")
     if tokenizer.startswith("vavae:"):  # fail before starting processes when the checkpoint is missing
         config = tokenizer[len("vavae:"):]
         resolve_checkpoint(ckpt_path or read_vavae_config(config).get("ckpt_path"), config)
@@ -289,11 +334,17 @@ def encode(source, dest, tokenizer: str, ckpt_path=None, gpus: int = 0, batch_si
         raise RuntimeError(f"--gpus {gpus} but {torch.cuda.device_count()} CUDA devices are visible "
                            f"(use --gpus 0 to encode on the CPU)")
     where = f"{gpus} GPU(s)" if gpus > 0 else "the CPU"
+    record = {"tokenizer": tokenizer, "posterior": posterior}
+    if posterior == "sample":
+        record["posterior_seed"] = posterior_seed
+    check_encoding_record(dest, record, len(names) - len(todo))
+    latent = {None: "", "mean": ", posterior mean", "sample": f", posterior sample (seed {posterior_seed})"}
     print(f"encode: {len(names)} images in {source}, {len(names) - len(todo)} already in {dest}, "
-          f"encoding {len(todo)} with '{tokenizer}' on {where}")
+          f"encoding {len(todo)} with '{tokenizer}'{latent[posterior]} on {where}")
     if todo:
         run_shards(max(gpus, 1), "cuda" if gpus > 0 else "cpu", tokenizer, ckpt_path, src, str(dest), todo,
-                   batch_size, np.dtype(dtype), workers)
+                   batch_size, np.dtype(dtype), workers,
+                   posterior=None if posterior is None else (posterior, posterior_seed))
     missing = [n for n in todo if not os.path.isfile(os.path.join(dest, outputs[n]))]
     failed = set(missing)
     if missing:
@@ -478,6 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="dtype of the saved latents")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="image-decoding DataLoader workers per process")
+    p.add_argument("--posterior", choices=["sample", "mean"], default=None,
+                   help="store a sample of the VAE posterior (default for VA-VAE, as the original did) or its mean "
+                        "(default for other VAEs); the pixel tokenizer has none")
+    p.add_argument("--posterior-seed", type=int, default=0,
+                   help="seed of the posterior samples; each image's noise comes from it and the image's id")
 
     p = commands.add_parser("encode-text", help="cache caption embeddings of labels.json as DATA/text-emb/<id>.npy")
     p.add_argument("--data-dir", required=True, help="dataset root (holds labels.json)")
@@ -501,7 +557,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run_command(args)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"{args.command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -531,7 +587,7 @@ def run_command(args) -> int:
             raise SystemExit("encode-vavae: give exactly one of --config (VA-VAE YAML) and --tokenizer")
         spec = args.tokenizer or f"vavae:{args.config}"
         result = encode(args.source, args.dest, spec, args.ckpt_path, args.gpus, args.batch_size, args.max_images,
-                        args.dtype, args.workers)
+                        args.dtype, args.workers, args.posterior, args.posterior_seed)
         print(f"encode: {result['encoded']} encoded, {result['skipped_existing']} already there, "
               f"{len(result['failed'])} failed")
     else:

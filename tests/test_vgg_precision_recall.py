@@ -219,7 +219,7 @@ def test_evaluate_with_vgg_and_a_shared_cache(tmp_path, monkeypatch):
     metrics = evaluator.evaluate(ref, tmp_path / "sample.npz", inception, batch_size=4, ref_cache=cache, k=3,
                                  device="cpu", vgg=vgg)
     assert calls == [4, 2, 4]  # reference folder in two batches, then the samples
-    ref_vgg = evaluator.compute_vgg_features(vgg, ref, batch_size=6)
+    ref_vgg = evaluator.compute_vgg_features(vgg, ref, batch_size=4)  # batched as evaluate() did
     sample_vgg = evaluator.compute_vgg_features(vgg, tmp_path / "sample.npz", batch_size=6)
     assert (metrics["vgg_precision"], metrics["vgg_recall"]) == precision_recall(ref_vgg, sample_vgg, k=3,
                                                                                  device="cpu")
