@@ -171,8 +171,10 @@ def conditions_for(args, model):
         expanded = [p for p in prompts for _ in range(args.num_images_per_prompt)]
         total = args.num_fid_samples or len(expanded)
         return [expanded[i % len(expanded)] for i in range(total)], total
-    num_classes = model.config["num_classes"]
     total = args.num_fid_samples or 50000
+    if model.conditioning == "none":
+        return [""] * total, total
+    num_classes = model.config["num_classes"]
     if args.balanced_sampling:
         return [i % num_classes for i in range(total)], total
     generator = torch.Generator().manual_seed(args.global_seed)

@@ -23,7 +23,8 @@ from json_label_dataset import collate
 from loss import TrainingLoss
 from models import BACKBONES
 from omegadit import checkpoint, compat
-from omegadit.conditioners import DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassConditioner, TextConditioner
+from omegadit.conditioners import (DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassConditioner, TextConditioner,
+                                   UnconditionalConditioner)
 from omegadit.locking import ExperimentLock, ExperimentLocked, describe_holder
 from omegadit.objectives import AUX_LOSSES, OBJECTIVES
 from omegadit.objectives.flow import DEFAULT_SHIFT_BASE
@@ -58,7 +59,7 @@ def build_parser():
                    help="initialise the weights from a checkpoint (directory, .safetensors, original OmegaDiT .pt)")
     g = p.add_argument_group("model (backbone options apply to the backbones that take them)")
     g.add_argument("--model", default="SiT-B/1", choices=BACKBONES.names())
-    g.add_argument("--num-classes", type=int, default=1000)
+    g.add_argument("--num-classes", type=int, default=1000, help="class labels (0: unconditional)")
     g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--sprint-drop-ratio", type=float, default=0.0)
     g.add_argument("--path-drop-prob", type=float, default=0.05)
@@ -161,6 +162,11 @@ def build_dataset(args):
     if args.use_json_dataset:
         from json_label_dataset import JsonLabelDataset
         return JsonLabelDataset(args.data_dir, label_file=args.label_file, text_emb_dir=args.text_emb_dir)
+    from image_folder_dataset import ImageFolderDataset, is_image_folder
+    if is_image_folder(args.data_dir):  # data_root/<class>/*.png, encoded with --tokenizer (cached)
+        dataset = ImageFolderDataset(args.data_dir, args.tokenizer)
+        args.num_classes = dataset.num_classes_for(args.num_classes, "num_classes" in args.explicit)
+        return dataset
     from dataset import CustomDataset
     return CustomDataset(args.data_dir)
 
@@ -169,6 +175,8 @@ def build_conditioner(args, dataset, device):
     """Text (captions through the text encoder, or cached embeddings) or class labels; returns (conditioner,
     the width of its caption tokens or None)."""
     if not args.use_json_dataset:
+        if args.num_classes == 0:
+            return UnconditionalConditioner(), None
         return ClassConditioner(args.num_classes, dropout=args.cfg_prob), None
     conditioner = TextConditioner(args.text_encoder, args.text_len, dropout=args.cfg_prob)
     if args.text_emb_dir is None or args.sample_every:
@@ -211,7 +219,8 @@ def build_objective(args, model):
     factory = OBJECTIVES.get(name)
     options = accepted_options(factory, {k: getattr(args, k) for k in OBJECTIVE_OPTIONS}, set(args.explicit),
                                f"the {name!r} objective")
-    return factory(**options)
+    defaults = model.objective_defaults if name == model.default_objective else {}
+    return factory(**{**defaults, **options})
 
 
 def build_loss(args, objective):
@@ -238,7 +247,7 @@ def build_sample_writer(args, dataset, conditioner, objective, latent_shape, dev
     if args.use_json_dataset:
         prompts = read_prompts(args.sample_prompts) if args.sample_prompts else dataset.captions[:args.num_samples]
     else:
-        prompts = list(range(args.num_classes))
+        prompts = list(range(args.num_classes)) or [""]  # unconditional (--num-classes 0): dummy conditions
     conditions = [prompts[i % len(prompts)] for i in range(args.num_samples)]
     decode = LatentDecoder(load_tokenizer(args.tokenizer, device=device), dataset.latent_mean, dataset.latent_std)
     return SampleWriter(Path(args.output_dir) / args.exp_name / "samples", objective, conditioner, decode,

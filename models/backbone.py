@@ -9,7 +9,9 @@ A backbone is an nn.Module with
 - `conditioning`: "text", "class" or "none", and `null_condition(batch_size, device)` for guidance and dropout;
 - `latent_shape`: the (C, H, W) it denoises;
 - training hooks with working defaults: `set_gradient_checkpointing`, `compile_regions`, and a per-backbone random
-  state for training-time randomness (SiT's path drop) that checkpoints save and restore.
+  state for training-time randomness (SiT's path drop) that checkpoints save and restore;
+- `default_objective` and `objective_defaults`: the objective train.py builds unless --objective names another,
+  and its constructor arguments (e.g. the fixed variance of a 'gaussian' objective).
 """
 import torch
 import torch.nn as nn
@@ -67,6 +69,7 @@ class Backbone(nn.Module):
 
     architecture: str = ""
     default_objective: str = "flow"
+    objective_defaults: dict = {}  # config of the default objective (train.py's flags override it)
     sampling_defaults: dict = {}  # generate.py's defaults for this family (sampler, num_steps, cfg_scale, guidance_*)
 
     def __init__(self):
