@@ -304,16 +304,16 @@ def train(args, accelerator, exp_dir, lock):
     log = make_logger(accelerator, exp_dir)
     if lock is not None and lock.took_over:
         log(f"took over the stale lock {lock.path} of {describe_holder(lock.took_over)}, which no longer runs")
-    plan = plan_resume(args, accelerator.num_processes)
-    for note in plan.notes:
-        log(f"resume: {note}")
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     set_seed(args.seed + accelerator.process_index)
 
     # Everything that can fail on bad input fails here, before the first step.
-    dataset = build_dataset(args)
+    dataset = build_dataset(args)  # may settle --num-classes (image folders), which resume compares
+    plan = plan_resume(args, accelerator.num_processes)
+    for note in plan.notes:
+        log(f"resume: {note}")
     image, latent, _ = dataset[0]
     resolution = image.shape[-1]
     latent_shape = tuple(latent.shape)
