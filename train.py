@@ -5,7 +5,6 @@ The loop knows only the interfaces: a backbone (models/), an objective and auxil
 checkpoint module (omegadit/checkpoint.py, omegadit/run_state.py). ARCHITECTURE.md maps them.
 """
 import argparse
-import json
 import math
 import signal
 import time
@@ -29,6 +28,7 @@ from omegadit.locking import ExperimentLock, ExperimentLocked, describe_holder
 from omegadit.objectives import AUX_LOSSES, OBJECTIVES
 from omegadit.objectives.flow import DEFAULT_SHIFT_BASE
 from omegadit.options import accepted_options, explicit_options
+from omegadit.run_log import log_metrics, make_logger
 from omegadit.run_state import apply_optimizer_flags, load_checkpoint, plan_resume, save_checkpoint
 from utils import ResumableBatchSampler, ema_decay_at, lr_lambda, parse_with_config, update_ema, write_json
 
@@ -489,31 +489,6 @@ def last_good(path):
 def any_true(accelerator, flag):
     """True when the flag is set on any process (one host sync)."""
     return bool(accelerator.reduce(flag.float(), "max"))
-
-
-def make_logger(accelerator, exp_dir):
-    """Console + exps/<exp>/log.txt logging from the main process only."""
-    def log(message):
-        if accelerator.is_main_process:
-            exp_dir.mkdir(parents=True, exist_ok=True)
-            line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
-            tqdm.write(line)
-            with open(exp_dir / "log.txt", "a") as f:
-                f.write(line + "\n")
-    return log
-
-
-def log_metrics(accelerator, exp_dir, record, term_names):
-    """One metrics record to the console, exps/<exp>/metrics.jsonl and the trackers (main process only)."""
-    if not accelerator.is_main_process:
-        return
-    terms = ", ".join(f"{name} {record[f'loss_{name}']:.4f}" for name in term_names)
-    tqdm.write(f"step {record['step']}: loss {record['loss']:.4f} ({terms}) lr {record['lr']:.2e} "
-               f"grad_norm {record['grad_norm']:.3f} {record['step_time']:.3f}s/step "
-               f"{record['images_per_sec']:.1f} img/s")
-    with open(exp_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
 
 if __name__ == "__main__":
