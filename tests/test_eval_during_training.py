@@ -1,0 +1,94 @@
+"""FID during training (omegadit/evaluation_during_training.py, train.py --eval-every): the numbers are the
+evaluator's, the reference statistics are prepared from a folder, train.py logs FID to metrics.jsonl and the
+trackers at the chosen steps only and keeps evaluation time out of its step timings. Random Inception weights stand
+in for the FID weights, which CI cannot download."""
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from evaluations.evaluator import compute_statistics, frechet_distance, read_activations
+from evaluations.inception import load_inception
+from omegadit import evaluation_during_training as edt
+from test_inception_parity import random_pt_inception
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("inception") / "pt_inception_random.pth"
+    torch.save(random_pt_inception(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(text_dataset, inception_weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "ref_stats.npz"
+    edt.main(["prepare", str(text_dataset / "images"), str(out), "--inception-weights", str(inception_weights),
+              "--batch-size", "16", "--device", "cpu"])
+    return out
+
+
+def test_prepare_gives_the_evaluators_statistics(reference, text_dataset, inception_weights, tmp_path):
+    files = edt.image_files(text_dataset / "images")  # the dataset nests images in subfolders
+    images = np.stack([np.asarray(__import__("PIL.Image").Image.open(p).convert("RGB")) for p in files])
+    np.savez(tmp_path / "batch.npz", arr_0=images)
+    pool, _ = read_activations(str(tmp_path / "batch.npz"), load_inception(inception_weights), batch_size=16)
+    mu, sigma = compute_statistics(pool)
+    with np.load(reference) as data:
+        assert int(data["num_images"]) == len(files) == 32
+        np.testing.assert_allclose(data["mu"], mu, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(data["sigma"], sigma, rtol=1e-4, atol=1e-6)
+    # the three kinds of --eval-ref give the same statistics
+    np.savez(tmp_path / "pool.npz", pool=pool)
+    inception = load_inception(inception_weights)
+    for source in (reference, tmp_path / "pool.npz", tmp_path / "batch.npz"):
+        got_mu, got_sigma = edt.reference_statistics(source, inception, batch_size=16)
+        np.testing.assert_allclose(got_mu, mu, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got_sigma, sigma, rtol=1e-4, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="prepare"):
+        edt.reference_statistics(tmp_path / "missing.npz")
+
+
+def test_fid_is_the_evaluators_on_the_same_samples(reference, inception_weights, text_dataset, minilm, tmp_path,
+                                                   monkeypatch):
+    from json_label_dataset import load_latent_stats
+    from models.sit import SiT
+    from models.tokenizers import LatentDecoder, load_tokenizer
+    from omegadit.conditioners import TextConditioner
+    from omegadit.objectives.flow import FlowMatching
+    from test_export_diffusers import small_random
+
+    model = small_random(SiT(input_size=8, patch_size=4, in_channels=48, hidden_size=64, depth=4, num_heads=2,
+                             text_dim=384, text_len=16, z_dims=[]))
+    mean, std = load_latent_stats(text_dataset / "vae-in" / "latents_stats.pt")
+    inception = load_inception(inception_weights)
+    evaluator = edt.TrainingEvaluator(FlowMatching(time_shifting=True), TextConditioner(minilm, 16).load("cpu"),
+                                      LatentDecoder(load_tokenizer("pixel"), mean, std), ["a red circle", "a blue square"],
+                                      (48, 8, 8), "cpu", edt.reference_statistics(reference), inception,
+                                      num_samples=6, batch_size=4, num_steps=2)
+    calls = []
+
+    def recording(*args):
+        calls.append(args)
+        return frechet_distance(*args)
+
+    monkeypatch.setattr(edt, "frechet_distance", recording)
+    fid = evaluator.fid(model)
+    samples = evaluator.last_images
+    assert samples.shape == (6, 32, 32, 3) and samples.dtype == np.uint8
+    # the evaluator's features of the same images, through evaluations/evaluator.py's own reading path
+    np.savez(tmp_path / "samples.npz", arr_0=samples)
+    pool, _ = read_activations(str(tmp_path / "samples.npz"), inception, batch_size=4)
+    (mu, sigma, ref_mu, ref_sigma), = calls
+    expected_mu, expected_sigma = compute_statistics(pool)
+    np.testing.assert_allclose(mu, expected_mu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-4, atol=1e-6)
+    with np.load(reference) as data:
+        np.testing.assert_array_equal(ref_mu, data["mu"])
+        np.testing.assert_array_equal(ref_sigma, data["sigma"])
+    assert np.isfinite(fid) and fid > 0
+    np.testing.assert_array_equal(evaluator.samples(model), samples)  # fixed noise and conditions
+
