@@ -24,6 +24,7 @@ from models import BACKBONES
 from omegadit import checkpoint, compat
 from omegadit.conditioners import (DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassConditioner, TextConditioner,
                                    UnconditionalConditioner)
+from omegadit.evaluation_during_training import add_eval_flags, build_evaluator
 from omegadit.locking import ExperimentLock, ExperimentLocked, describe_holder
 from omegadit.objectives import AUX_LOSSES, OBJECTIVES
 from omegadit.objectives.flow import DEFAULT_SHIFT_BASE
@@ -119,6 +120,7 @@ def build_parser():
     g.add_argument("--cfg-scale", type=float, default=4.0)
     g.add_argument("--guidance-low", type=float, default=0.0, help="guidance interval of the sample grids")
     g.add_argument("--guidance-high", type=float, default=1.0)
+    add_eval_flags(p)
     return compat.add_original_flags(p, "train")
 
 
@@ -350,6 +352,7 @@ def train(args, accelerator, exp_dir, lock):
         optimizer, lr_lambda(args.lr_schedule, args.lr_warmup_steps, args.max_train_steps))
     sampler = (build_sample_writer(args, dataset, conditioner, objective, latent_shape, device)
                if args.sample_every else None)
+    evaluator = build_evaluator(args, dataset, conditioner, objective, latent_shape, device)
 
     if args.compile if args.compile is not None else device.type == "cuda":
         text_encoder = getattr(conditioner, "encoder", None)
@@ -428,6 +431,8 @@ def train(args, accelerator, exp_dir, lock):
                 if accelerator.is_main_process:
                     log(f"samples written to {write_samples(sampler, ema, raw_model, step, accelerator)}")
                 accelerator.wait_for_everyone()
+            if evaluator is not None and step % args.eval_every == 0:  # FID; its time is not counted as step time
+                window_start += evaluator.run(accelerator, raw_model if ema is None else ema, step, exp_dir, log)
             if checkpoint_due:
                 last_saved = save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, description)
                 log(f"saved checkpoint {last_saved}")
