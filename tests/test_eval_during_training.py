@@ -92,3 +92,53 @@ def test_fid_is_the_evaluators_on_the_same_samples(reference, inception_weights,
     assert np.isfinite(fid) and fid > 0
     np.testing.assert_array_equal(evaluator.samples(model), samples)  # fixed noise and conditions
 
+
+
+def train_argv(data, out, minilm, *extra):
+    return ["--exp-name", "fid", "--output-dir", str(out), "--data-dir", str(data), "--use-json-dataset",
+            "--text-encoder", minilm, "--text-len", "8", "--tokenizer", "pixel", "--model", "SiT-T/4",
+            "--enc-type", "none", "--batch-size", "4", "--num-workers", "0", "--mixed-precision", "no",
+            "--log-every", "1", *extra]
+
+
+def test_train_logs_fid_at_eval_steps_only_and_outside_step_times(text_dataset, minilm, reference, inception_weights,
+                                                                  tmp_path, monkeypatch, fresh_accelerate_state):
+    import accelerate
+
+    import train
+
+    tracked = []
+    monkeypatch.setattr(accelerate.Accelerator, "log", lambda self, values, step=None, **kw: tracked.append(
+        (step, dict(values))))
+    data = tmp_path / "data"
+    shutil.copytree(text_dataset, data)
+    started = time.perf_counter()
+    train.main(train.parse_args(train_argv(data, tmp_path, minilm, "--max-train-steps", "4", "--eval-every", "2",
+                                           "--eval-ref", str(reference), "--eval-num-samples", "4",
+                                           "--eval-batch-size", "4", "--eval-steps", "2", "--eval-cfg-scale", "2.0",
+                                           "--eval-inception-weights", str(inception_weights))))
+    total = time.perf_counter() - started
+    records = [json.loads(line) for line in (tmp_path / "fid" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "fid" in r]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(np.isfinite(r["fid"]) for r in evals)
+    assert all(r["fid_num_samples"] == 4 for r in evals)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [s for s, values in tracked if "fid" in values] == [2, 4]
+    # every FID here takes seconds (a 2048-d matrix square root); the step timings leave it out
+    assert max(r["step_time"] for r in steps) < min(r["eval_seconds"] for r in evals) / 2
+    assert sum(r["step_time"] for r in steps) < total - sum(r["eval_seconds"] for r in evals)
+    assert "FID" in (tmp_path / "fid" / "log.txt").read_text()
+
+
+def test_bad_eval_flags_fail_before_the_first_step(text_dataset, minilm, inception_weights, tmp_path,
+                                                   fresh_accelerate_state):
+    import train
+
+    with pytest.raises(ValueError, match="--eval-ref"):
+        train.main(train.parse_args(train_argv(text_dataset, tmp_path, minilm, "--eval-every", "2")))
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        train.main(train.parse_args(train_argv(text_dataset, tmp_path, minilm, "--eval-every", "2", "--eval-ref",
+                                               str(tmp_path / "missing.npz"), "--eval-inception-weights",
+                                               str(inception_weights))))
+    assert not (tmp_path / "fid" / "metrics.jsonl").exists()
