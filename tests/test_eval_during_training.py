@@ -129,6 +129,14 @@ def test_train_logs_fid_at_eval_steps_only_and_outside_step_times(text_dataset, 
     assert max(r["step_time"] for r in steps) < min(r["eval_seconds"] for r in evals) / 2
     assert sum(r["step_time"] for r in steps) < total - sum(r["eval_seconds"] for r in evals)
     assert "FID" in (tmp_path / "fid" / "log.txt").read_text()
+    # the model card of the run's checkpoint reports the FID and the losses of its step
+    from omegadit import checkpoint
+    from omegadit.export.model_card import model_card
+
+    ckpt = tmp_path / "fid" / "checkpoints" / "0000004"
+    card = model_card(checkpoint.read_description(ckpt / "ema.safetensors"), ckpt)
+    assert f"| fid (step 4) | {evals[-1]['fid']:.6g} |" in card and f"| loss (step 4) | {steps[-1]['loss']:.6g} |" in card
+    assert "| experiment | `fid` |" in card and "| checkpoint step | 4 |" in card
 
 
 def test_bad_eval_flags_fail_before_the_first_step(text_dataset, minilm, inception_weights, tmp_path,

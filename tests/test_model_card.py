@@ -23,6 +23,7 @@ def run(tmp_path, minilm):
         "exp_name": "card-run", "model": "SiT-T/4", "data_dir": "/data/shapes", "use_json_dataset": True,
         "batch_size": 64, "learning_rate": 3e-4, "lr_schedule": "cosine", "max_train_steps": 40, "ema_decay": 0.999,
         "mixed_precision": "no", "enc_type": "none", "text_encoder": "minilm", "seed": 0}))
+    (ckpt / "args.json").write_text((exp / "args.json").read_text())  # train.py keeps a copy in each checkpoint
     records = [{"step": 10, "loss": 0.9, "loss_denoise": 0.8, "lr": 3e-4}, {"step": 20, "fid": 123.4, "fid_samples": 64},
                {"step": 20, "loss": 0.5, "loss_denoise": 0.45, "lr": 2e-4}, {"step": 30, "loss": 0.1}]
     (exp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + "{truncated")

@@ -20,12 +20,14 @@ ARCHITECTURE_KEYS = ("input_size", "patch_size", "in_channels", "hidden_size", "
                      "qk_norm", "text_dim", "text_len", "num_classes")
 
 
-def run_folder(ckpt) -> Optional[Path]:
-    """The train.py experiment folder of a checkpoint (the first folder at or above it with args.json), or None."""
+def find_upwards(ckpt, name: str) -> Optional[Path]:
+    """The file `name` in the checkpoint's folder or the nearest of three folders above it (train.py keeps
+    args.json in each checkpoint folder and in the experiment folder, metrics.jsonl in the experiment folder)."""
     path = Path(ckpt).resolve()
-    for folder in [path if path.is_dir() else path.parent, *list((path if path.is_dir() else path.parent).parents)[:3]]:
-        if (folder / "args.json").is_file():
-            return folder
+    folder = path if path.is_dir() else path.parent
+    for candidate in [folder, *list(folder.parents)[:3]]:
+        if (candidate / name).is_file():
+            return candidate / name
     return None
 
 
@@ -36,11 +38,10 @@ def checkpoint_step(ckpt) -> Optional[int]:
     return int(name) if name.isdigit() else None
 
 
-def read_metrics(folder: Optional[Path], step: Optional[int]) -> dict:
+def read_metrics(path: Optional[Path], step: Optional[int]) -> dict:
     """The last training record (losses) and the last evaluation record (fid, ...) of metrics.jsonl at or before
     `step`: {"train": record or None, "eval": record or None}."""
     found = {"train": None, "eval": None}
-    path = folder / "metrics.jsonl" if folder else None
     if path is None or not path.is_file():
         return found
     for line in path.read_text().splitlines():
@@ -103,10 +104,10 @@ def model_card(description: dict, ckpt=None, export: str = "diffusers", files=No
     conditioner = description.get("conditioner", {})
     objective = description.get("objective", {})
     sampling = description.get("sampling", {})
-    folder = run_folder(ckpt) if ckpt is not None else None
-    args = json.loads((folder / "args.json").read_text()) if folder else {}
+    args_file = find_upwards(ckpt, "args.json") if ckpt is not None else None
+    args = json.loads(args_file.read_text()) if args_file else {}
     step = checkpoint_step(ckpt) if ckpt is not None else None
-    metrics = read_metrics(folder, step)
+    metrics = read_metrics(find_upwards(ckpt, "metrics.jsonl") if ckpt is not None else None, step)
     conditioning = conditioner.get("name", "text")
     name = backbone.get("name") or backbone.get("architecture", "")
     params = parameter_count(description)
