@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_export_diffusers import text_ckpt  # noqa: F401  (fixture)
+from test_export_diffusers import exported, text_ckpt  # noqa: F401  (fixtures)
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr = pytest.importorskip("gradio")
@@ -67,3 +67,12 @@ def test_sampler_refuses_bad_requests(text_ckpt):  # noqa: F811
         sample("a red circle", 2, 1.0, 0, "euler", 3)
     with pytest.raises(ValueError, match="prompt"):
         sample("  ", 2, 1.0, 0, "euler", 1)
+
+
+def test_app_loads_an_exported_diffusers_folder(exported):  # noqa: F811
+    from omegadit.export.diffusers_pipeline import OmegaDiTPipeline
+
+    pipe = app.load_pipeline(app.parse_args(["--ckpt", str(exported), "--device", "cpu"]))
+    assert isinstance(pipe, OmegaDiTPipeline)
+    images, timing = app.Sampler(pipe)("a blue square", 2, 1.0, 3, "euler", 2)
+    assert len(images) == 2 and images[0].size == (32, 32) and "2 image(s)" in timing
