@@ -157,3 +157,12 @@ def test_class_model_and_diffusers_autoencoder(tmp_path):
         reference = np.asarray(Image.open(tmp_path / "c" / f"{i:06d}.png")).astype(int)
         assert image.size == (32, 32)
         assert np.abs(np.asarray(image).astype(int) - reference).max() <= 1
+
+
+def test_bfloat16_weights_sample_under_autocast(exported):
+    full = load_pipeline(exported)
+    half = load_pipeline(exported).to(torch.bfloat16)
+    assert half.transformer.dtype == torch.bfloat16
+    kwargs = dict(num_inference_steps=2, guidance_scale=2.0, seed=2, output_type="pt")
+    a, b = full(PROMPTS[:1], **kwargs).images, half(PROMPTS[:1], **kwargs).images
+    assert b.dtype == torch.float32 and (a - b).abs().mean() < 0.05

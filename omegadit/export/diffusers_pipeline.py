@@ -266,11 +266,15 @@ class OmegaDiTPipeline(DiffusionPipeline):
             noise = latents.to(device, torch.float32)
         network = GuidedNetwork(self.transformer.backbone, objective, y, scale=scale, interval=tuple(interval),
                                 path_drop=path_drop, channels=defaults.get("guidance_channels"))
-        if sampler is None and self.scheduler is not None:
-            x = self._scheduler_loop(objective, network, noise, num_steps)
-        else:
-            name = sampler or defaults.get("sampler") or objective.default_sampler
-            x = check_sampler(name, objective)(objective, network, noise, num_steps, generator=generator)
+        # float32 integration state whatever the weights' dtype; bf16/fp16 weights run their calls under autocast
+        dtype = self.transformer.dtype
+        low_precision = dtype in (torch.bfloat16, torch.float16)
+        with torch.autocast(torch.device(device).type, dtype=dtype if low_precision else None, enabled=low_precision):
+            if sampler is None and self.scheduler is not None:
+                x = self._scheduler_loop(objective, network, noise, num_steps)
+            else:
+                name = sampler or defaults.get("sampler") or objective.default_sampler
+                x = check_sampler(name, objective)(objective, network, noise, num_steps, generator=generator)
         x = x.float()
         if output_type == "latent":
             images = x
