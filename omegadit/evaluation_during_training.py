@@ -139,7 +139,8 @@ class TrainingEvaluator:
     """FID of fixed-noise samples of a model against reference statistics (see the module docstring)."""
 
     def __init__(self, objective, conditioner, decode, conditions, latent_shape, device, reference, inception,
-                 num_samples=256, batch_size=32, num_steps=50, sampler=None, cfg_scale=1.0, seed=0):
+                 num_samples=256, batch_size=32, num_steps=50, sampler=None, cfg_scale=1.0, seed=0,
+                 interval=(0.0, 1.0)):
         from omegadit.sampling import check_sampler
 
         if num_samples < 2:
@@ -158,6 +159,7 @@ class TrainingEvaluator:
         self.sampler_name = sampler or objective.default_sampler
         self.sample_fn = check_sampler(self.sampler_name, objective)
         self.cfg_scale = cfg_scale
+        self.interval = tuple(interval)
         self.seed = seed
         self.last_images = None
 
@@ -172,7 +174,7 @@ class TrainingEvaluator:
             generators = [torch.Generator(self.device).manual_seed(self.seed * SEED_STRIDE + i) for i in indices]
             noise = torch.stack([torch.randn(self.latent_shape, generator=g, device=self.device) for g in generators])
             y = self.conditioner([self.conditions[i] for i in indices], self.device)
-            network = GuidedNetwork(model, self.objective, y, scale=self.cfg_scale)
+            network = GuidedNetwork(model, self.objective, y, scale=self.cfg_scale, interval=self.interval)
             with (autocast() if autocast is not None else torch.autocast(self.device.type, enabled=False)):
                 latents = self.sample_fn(self.objective, network, noise, self.num_steps, generator=generators)
             images.append(self.decode(latents.float()).permute(0, 2, 3, 1).cpu())
@@ -221,17 +223,20 @@ def build_evaluator(args, dataset, conditioner, objective, latent_shape, device)
 
     inception = load_inception(args.eval_inception_weights, device=device, download=False)
     reference = reference_statistics(args.eval_ref, inception, args.eval_batch_size)
+    cfg = args.eval_cfg_scale if args.eval_cfg_scale is not None else args.cfg_scale
     if conditioner.kind == "text":
         if getattr(conditioner, "encoder", None) is None:
             conditioner.load(device)
         conditions = read_prompts(args.eval_prompts) if args.eval_prompts else list(dataset.captions)
-    else:
-        conditions = list(range(args.num_classes))
+    elif conditioner.kind == "class":
+        conditions = list(range(conditioner.num_classes))
+    else:  # unconditional: one dummy condition, nothing to guide
+        conditions, cfg = [0], 1.0
     decode = LatentDecoder(load_tokenizer(args.tokenizer, device=device), dataset.latent_mean, dataset.latent_std)
-    cfg = args.eval_cfg_scale if args.eval_cfg_scale is not None else args.cfg_scale
     return TrainingEvaluator(objective, conditioner, decode, conditions, latent_shape, device, reference, inception,
                              num_samples=args.eval_num_samples, batch_size=args.eval_batch_size,
-                             num_steps=args.eval_steps, sampler=args.eval_sampler, cfg_scale=cfg, seed=args.seed)
+                             num_steps=args.eval_steps, sampler=args.eval_sampler, cfg_scale=cfg, seed=args.seed,
+                             interval=(getattr(args, "guidance_low", 0.0), getattr(args, "guidance_high", 1.0)))
 
 
 def main(argv=None):

@@ -150,3 +150,22 @@ def test_bad_eval_flags_fail_before_the_first_step(text_dataset, minilm, incepti
                                                str(tmp_path / "missing.npz"), "--eval-inception-weights",
                                                str(inception_weights))))
     assert not (tmp_path / "fid" / "metrics.jsonl").exists()
+
+
+def test_evaluator_conditions_for_class_and_unconditional_models(reference, inception_weights):
+    from types import SimpleNamespace
+
+    from omegadit.conditioners import ClassConditioner, UnconditionalConditioner
+    from omegadit.objectives.flow import FlowMatching
+
+    args = SimpleNamespace(eval_every=2, eval_ref=str(reference), eval_inception_weights=str(inception_weights),
+                           eval_batch_size=8, eval_prompts=None, eval_cfg_scale=None, cfg_scale=4.0,
+                           tokenizer="pixel", eval_num_samples=5, eval_steps=2, eval_sampler="euler", seed=0,
+                           guidance_low=0.0, guidance_high=0.7)
+    dataset = SimpleNamespace(latent_mean=torch.zeros(48, 1, 1), latent_std=torch.ones(48, 1, 1), captions=[])
+    labelled = edt.build_evaluator(args, dataset, ClassConditioner(3), FlowMatching(), (48, 8, 8), "cpu")
+    assert labelled.conditions == [0, 1, 2, 0, 1] and labelled.cfg_scale == 4.0
+    assert labelled.interval == (0.0, 0.7) and labelled.sampler_name == "euler"
+    unconditional = edt.build_evaluator(args, dataset, UnconditionalConditioner(), FlowMatching(), (48, 8, 8), "cpu")
+    assert unconditional.conditions == [0] * 5 and unconditional.cfg_scale == 1.0
+    assert edt.build_evaluator(SimpleNamespace(eval_every=0), dataset, None, None, None, "cpu") is None
