@@ -31,6 +31,8 @@ APPLIED_ON_RESUME = (
     "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "ema_decay",
     "mixed_precision", "allow_tf32", "sample_every", "sample_prompts", "num_samples", "sample_steps", "cfg_scale",
     "guidance_low", "guidance_high", "ema_warmup",
+    "eval_every", "eval_ref", "eval_num_samples", "eval_batch_size", "eval_steps", "eval_sampler", "eval_cfg_scale",
+    "eval_prompts", "eval_inception_weights",
 )
 # --recipe and the original's own flags (args.original_*) act through the flags they set, which are compared.
 NOT_COMPARED = ("config", "explicit", "resume", "resume_step", "init_from", "recipe")
