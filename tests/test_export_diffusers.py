@@ -15,16 +15,9 @@ from omegadit.conditioners import ClassConditioner, TextConditioner
 from omegadit.export.__main__ import main as export_main
 from omegadit.objectives.flow import FlowMatching
 from json_label_dataset import load_latent_stats
+from test_generate import small_random
 
 PROMPTS = ["a red circle on the left", "a small blue square at the top", "a large green triangle"]
-
-
-def small_random(model, seed=0, std=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def write_checkpoint(ckpt, model, conditioner, autoencoder, stats, sampling=None):
