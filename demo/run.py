@@ -29,6 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from demo import conditions  # noqa: E402
 from evaluations.alignment import format_table, load_samples, score  # noqa: E402
 
 # Every colour and shape of a held-out combination still appears in training, in other combinations.
@@ -53,6 +54,33 @@ PRESETS = {
                  num_workers=0, log_every=1, num_prompts=4, images_per_prompt=1, mode="ode", sample_steps=2,
                  cfg_scale=4.0),
 }
+# Presets of the peer systems (demo/conditions.py): class-conditional on 24 colour x shape classes with nothing held
+# out, and U-ViT on the captions; each backbone's own objective and sampler (DiT: DDPM, LightningDiT: shifted
+# Euler, U-ViT: DPM-Solver) and the train_flags of its recipe. A patch holds no more values than the model is wide
+# (DiT-S/4 on pixel:4 latents, 768 values a patch through 384 channels, learned only noise): DiT-S/2 and U-ViT-S/2
+# on pixel:4 (192 values), LightningDiT-B/2 on pixel:8 (768 values, 768 wide, 4 tokens on CPU). DiT and LightningDiT
+# guide only the first 3 latent channels (right for their autoencoders), on pixel latents the red of 3 pixels in
+# 16, so their presets sample unguided (cfg_scale 1); U-ViT guides every channel at its default scale.
+_PEER = dict(conditioning="class", holdout=(), text_len=None, shift_base=None, mode=None, sampler=None,
+             cfg_scale=None, train_flags=("--cfm-coeff", 0))
+_PEER_CPU = dict(_PEER, num_images=4000, resolution=32, patch=4, batch_size=32, learning_rate=1e-3,
+                 warmup_steps=50, ema_decay=0.99, mixed_precision="no", num_workers=0, log_every=25, num_prompts=16,
+                 images_per_prompt=2)
+_PEER_GPU = dict(_PEER, num_images=20000, resolution=64, patch=4, steps=4000, batch_size=256, learning_rate=2e-4,
+                 warmup_steps=200, ema_decay=0.999, mixed_precision="bf16", num_workers=8, log_every=200,
+                 num_prompts=64, images_per_prompt=8, sample_steps=None)
+_LIGHTNINGDIT = ("--cfm-coeff", 0, "--weighting", "lognormal")
+PRESETS.update({
+    "dit-cpu": dict(_PEER_CPU, model="DiT-S/2", steps=300, sample_steps=50, cfg_scale=1.0),
+    "lightningdit-cpu": dict(_PEER_CPU, model="LightningDiT-B/2", patch=8, steps=150, sample_steps=50, cfg_scale=1.0,
+                             train_flags=_LIGHTNINGDIT),
+    "uvit-cpu": dict(_PEER_CPU, model="U-ViT-S/2", steps=150, sample_steps=25),
+    "uvit-text-cpu": dict(_PEER_CPU, conditioning="text", holdout=None, model="U-ViT-S/2", text_len=16, steps=150,
+                          sample_steps=25),
+    "dit-gpu": dict(_PEER_GPU, model="DiT-S/2", cfg_scale=1.0),
+    "lightningdit-gpu": dict(_PEER_GPU, model="LightningDiT-B/2", cfg_scale=1.0, train_flags=_LIGHTNINGDIT),
+    "uvit-gpu": dict(_PEER_GPU, model="U-ViT-S/2"),
+})
 
 
 class StageError(RuntimeError):
@@ -71,7 +99,7 @@ def parse_args(argv=None):
     g.add_argument("--num-images", type=int, help="training images")
     g.add_argument("--resolution", type=int, help="image side in pixels")
     g.add_argument("--patch", type=int, help="pixel tokenizer patch size (latents: 3*patch^2 channels)")
-    g.add_argument("--model", help="SiT-{T,S,B,L,XL}/{1,2,4}")
+    g.add_argument("--model", help="SiT-{T,S,B,L,XL}/{1,2,4}; class presets: their family's sizes")
     g.add_argument("--text-len", type=int, help="caption tokens (the demo's captions need at most 14)")
     g.add_argument("--steps", type=int, help="training steps")
     g.add_argument("--batch-size", type=int)
@@ -85,6 +113,8 @@ def parse_args(argv=None):
     g.add_argument("--num-prompts", type=int, help="held-out and seen prompts sampled (each)")
     g.add_argument("--images-per-prompt", type=int)
     g.add_argument("--mode", choices=["ode", "sde"], help="sampler")
+    g.add_argument("--sampler", help="generate.py --sampler (presets of DiT, LightningDiT, U-ViT; default: the "
+                                                  "backbone's)")
     g.add_argument("--sample-steps", type=int)
     g.add_argument("--cfg-scale", type=float)
     return p.parse_args(argv)
@@ -94,7 +124,9 @@ def settings_from(args):
     """The preset's values with the flags given on the command line applied on top."""
     settings = dict(PRESETS[args.preset])
     settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
-    settings.update(preset=args.preset, seed=args.seed, holdout=list(args.holdout or HOLDOUT))
+    default_holdout = settings.get("holdout")
+    settings.update(preset=args.preset, seed=args.seed,
+                    holdout=list(args.holdout or (HOLDOUT if default_holdout is None else default_holdout)))
     return settings
 
 
@@ -170,11 +202,11 @@ def visible_gpus():
 
 def make_data(s, work):
     """Shapes dataset with the held-out combinations removed from training, plus the two prompt files."""
-    holdout = [arg for combo in s["holdout"] for arg in ("--holdout", combo)]
     run_tool(python_tool("demo.shapes", "--out", work / "data", "--num", s["num_images"], "--resolution",
-                         s["resolution"], "--seed", s["seed"], "--num-prompts", s["num_prompts"], *holdout),
+                         s["resolution"], "--seed", s["seed"], "--num-prompts", s["num_prompts"],
+                         *conditions.data_flags(s)),
              work / "logs" / "data.log")
-    return f"{s['num_images']} images at {s['resolution']}px, held out: {', '.join(s['holdout'])}"
+    return conditions.data_summary(s)
 
 
 def encode(s, work):
@@ -187,16 +219,16 @@ def encode(s, work):
 
 
 def train(s, work):
-    """Train the SiT with train.py (accelerate launch on several GPUs); returns the last checkpoint directory."""
+    """Train the model with train.py (accelerate launch on several GPUs); returns the last checkpoint directory."""
     print("    REPA is off (--enc-type none): no DINOv2 weights are needed offline; the projection loss is 0",
           flush=True)
     args = ["--exp-name", EXP_NAME, "--output-dir", work / "exps", "--data-dir", work / "data",
-            "--use-json-dataset", "--text-encoder", "minilm", "--tokenizer", f"pixel:{s['patch']}",
-            "--text-len", s["text_len"], "--enc-type", "none", "--model", s["model"], "--batch-size", s["batch_size"],
+            *conditions.train_flags(s), "--tokenizer", f"pixel:{s['patch']}",
+            "--enc-type", "none", "--model", s["model"], "--batch-size", s["batch_size"],
             "--num-workers", s["num_workers"], "--max-train-steps", s["steps"], "--checkpointing-steps", s["steps"],
             "--log-every", s["log_every"], "--learning-rate", s["learning_rate"],
             "--lr-schedule", "warmup" if s["warmup_steps"] else "constant", "--lr-warmup-steps", s["warmup_steps"],
-            "--ema-decay", s["ema_decay"], "--shift-base", s["shift_base"], "--mixed-precision", s["mixed_precision"],
+            "--ema-decay", s["ema_decay"], "--mixed-precision", s["mixed_precision"],
             "--cfg-prob", 0.1, "--seed", s["seed"]]
     gpus = visible_gpus()
     if gpus > 1:
@@ -212,25 +244,24 @@ def train(s, work):
 
 
 def sample(s, work, ckpt):
-    """Sample the held-out and the seen prompts with generate.py; returns {group: (npz, prompts file, grid)}."""
+    """Sample the held-out and the seen prompts (class presets: every class) with generate.py; returns
+    {group: (npz, prompts file, grid)}."""
     outputs, samples = {}, work / "samples"
-    for group, prompts in (("held_out", "holdout_prompts.txt"), ("seen", "seen_prompts.txt")):
+    for group, prompts, condition_flags in conditions.sample_jobs(s, work / "data"):
         run_tool(python_tool("generate.py", "--ckpt", ckpt, "--sample-dir", samples, "--name", group,
-                             "--prompts-file", work / "data" / prompts,
-                             "--num-images-per-prompt", s["images_per_prompt"], "--mode", s["mode"],
-                             "--num-steps", s["sample_steps"], "--cfg-scale", s["cfg_scale"],
-                             "--global-seed", s["seed"],
+                             *condition_flags, *conditions.sampler_flags(s), "--global-seed", s["seed"],
                              "--mixed-precision", "bf16" if s["mixed_precision"] == "bf16" else "no"),
                  work / "logs" / f"sample_{group}.log", show=sampling_progress)
-        outputs[group] = (samples / f"{group}.npz", work / "data" / prompts, samples / f"{group}_grid.png")
+        outputs[group] = (samples / f"{group}.npz", prompts, samples / f"{group}_grid.png")
     return outputs
 
 
 def evaluate(s, outputs):
-    """Caption alignment (colour, shape, size, position) of all samples, for all, seen and held-out prompts."""
+    """Caption alignment (colour, shape, size, position; class presets: colour, shape) of all samples, for all, seen
+    and held-out prompts."""
     images, prompts = [], []
     for npz, prompt_file, _ in outputs.values():
-        group_images, group_prompts = load_samples(npz, prompt_file, s["images_per_prompt"])
+        group_images, group_prompts = load_samples(npz, prompt_file, conditions.images_per_prompt(s))
         images.extend(group_images)
         prompts.extend(group_prompts)
     return score(images, prompts, s["holdout"])
@@ -301,8 +332,7 @@ def main(argv=None):
     (work / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
     print("\nCaption alignment of the samples (fraction correct; all_attributes: every attribute right):")
     print(format_table(scores))
-    print(f"\nsample grid (held-out prompts): {grids['held_out']}")
-    print(f"sample grid (seen prompts):     {grids['seen']}")
+    print("\n" + "\n".join(conditions.grid_lines(grids)))
     print(f"results: {work / 'demo_results.json'}")
     print(f"wall time: {wall:.1f}s ({', '.join(f'{k} {v:.1f}s' for k, v in durations.items())})")
     return results

@@ -4,7 +4,14 @@ Every caption names four attributes: colour, shape, size and position. Chosen at
 (e.g. "red triangle") can be held out of training to test compositional generalisation; the held-out and
 seen prompt files are written next to the dataset for evaluation with evaluations/alignment.py.
 
+With --class-labels the images also get class labels for class-conditional models: one class per colour and
+shape (8 x 3 = 24, CLASS_NAMES: "red circle", "red square", ...), size and position varying within a class. They
+are written as images/dataset.json ({"labels": [[file, class], ...]}, the layout that
+`preprocessing/dataset_tools.py encode-vavae` carries over to vae-in/dataset.json, which dataset.py reads), and
+the class names as class_names.txt (line k names class k).
+
     python -m demo.shapes --out demo_runs/shapes --num 2000 --holdout "red triangle" --holdout "blue circle"
+    python -m demo.shapes --out demo_runs/classes --num 2000 --class-labels
 """
 import argparse
 import itertools
@@ -78,6 +85,10 @@ TEMPLATES = (
     ("{size} {colour} {shape} {where}", WHERE_IMAGE),
     ("a picture of a {size} {colour} {shape} {where}", WHERE),
 )
+
+# Class-conditional labels: the class fixes colour and shape.
+CLASS_ATTRIBUTES = ("colour", "shape")
+CLASS_NAMES = tuple(f"{colour} {shape}" for colour in PALETTE for shape in SHAPES)
 
 _EXTRA_WORDS = {
     "little": ("size", "small"),
@@ -159,6 +170,20 @@ def all_combinations():
     return [dict(zip(ATTRIBUTES, values)) for values in itertools.product(*(VALUES[a] for a in ATTRIBUTES))]
 
 
+def class_index(attrs):
+    """The class of an attribute dict: CLASS_NAMES.index("<colour> <shape>")."""
+    return CLASS_NAMES.index(" ".join(attrs[a] for a in CLASS_ATTRIBUTES))
+
+
+def write_class_labels(out_dir, attributes):
+    """images/dataset.json ({"labels": [["<id>.png", class], ...]}) of {image id: attribute dict}, and
+    class_names.txt (CLASS_NAMES, one a line: the prompts that score samples of class 0, 1, ...)."""
+    out_dir = Path(out_dir)
+    labels = [[f"{image_id}.png", class_index(attrs)] for image_id, attrs in attributes.items()]
+    (out_dir / "images" / "dataset.json").write_text(json.dumps({"labels": labels}) + "\n")
+    (out_dir / "class_names.txt").write_text("".join(name + "\n" for name in CLASS_NAMES))
+
+
 def _position_ranges(extent, position):
     half = extent / 2
     near = (half + EDGE_MARGIN, 1 / 3 - EDGE_MARGIN)
@@ -233,12 +258,14 @@ def _prompt_lines(groups, count, rng):
     return lines
 
 
-def make_dataset(out_dir, num, resolution=64, seed=0, holdout=(), num_prompts=64, per_folder=1000, overwrite=False):
+def make_dataset(out_dir, num, resolution=64, seed=0, holdout=(), num_prompts=64, per_folder=1000, overwrite=False,
+                 class_labels=False):
     """Write a shapes dataset to `out_dir` and return its metadata dict.
 
     Writes images/data_XXXXXX/img_XXXXXXXX.png, labels.json ([{"id", "en"}], no held-out combination),
-    holdout_prompts.txt and seen_prompts.txt (`num_prompts` captions each) and demo_meta.json.
-    The same arguments give byte-identical files.
+    holdout_prompts.txt and seen_prompts.txt (`num_prompts` captions each) and demo_meta.json; with
+    `class_labels` also images/dataset.json and class_names.txt (write_class_labels). The same arguments give
+    byte-identical files.
     """
     out_dir = Path(out_dir)
     image_root = out_dir / "images"
@@ -281,6 +308,9 @@ def make_dataset(out_dir, num, resolution=64, seed=0, holdout=(), num_prompts=64
         "palette": {name: list(rgb) for name, rgb in PALETTE.items()},
         "attributes": attributes,
     }
+    if class_labels:
+        write_class_labels(out_dir, attributes)
+        meta["classes"] = list(CLASS_NAMES)
     (out_dir / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
     (out_dir / "holdout_prompts.txt").write_text("".join(line + "\n" for line in held))
     (out_dir / "seen_prompts.txt").write_text("".join(line + "\n" for line in seen))
@@ -300,10 +330,14 @@ def main(argv=None):
                         help="captions in each of holdout_prompts.txt and seen_prompts.txt")
     parser.add_argument("--per-folder", type=int, default=1000, help="images per images/data_XXXXXX folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/images folder")
+    parser.add_argument("--class-labels", action="store_true",
+                        help="also write class labels (colour x shape, 24 classes) as images/dataset.json and "
+                             "their names as class_names.txt")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     make_dataset(args.out, args.num, resolution=args.resolution, seed=args.seed, holdout=args.holdout,
-                 num_prompts=args.num_prompts, per_folder=args.per_folder, overwrite=args.overwrite)
+                 num_prompts=args.num_prompts, per_folder=args.per_folder, overwrite=args.overwrite,
+                 class_labels=args.class_labels)
     print(f"wrote {args.num} images ({args.resolution}px) to {args.out} in {time.perf_counter() - start:.1f}s")
 
 

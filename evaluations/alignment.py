@@ -8,10 +8,12 @@ For each image the foreground (pixels far from the border colour, largest connec
   is skewed (|skewness| 0.57 across its base); a square's fourth cumulant along the diagonals is half the one
   along the axes, a circle's is the same. Elongated blobs (bounding-box aspect > 1.5) match no shape.
 Each is compared with the attributes parsed from the image's caption; images with no foreground are wrong on
-every attribute.
+every attribute. Class-conditional samples are scored the same way with their class names as prompts ("red
+circle": colour and shape scored, size and position not).
 
     python evaluations/alignment.py --images samples/NAME --prompts data/holdout_prompts.txt --meta data/demo_meta.json
     python evaluations/alignment.py --images samples/NAME.npz --prompts prompts.txt --holdout "red triangle"
+    python evaluations/alignment.py --images samples/classes.npz --class-names data/class_names.txt
 """
 import argparse
 import json
@@ -223,6 +225,13 @@ def load_samples(images, prompts=None, images_per_prompt=1):
     return (_load_png(p) for p in files), [expanded[int(p.stem) % len(expanded)] for p in files]
 
 
+def load_class_samples(images, class_names):
+    """(images, prompts) of class-conditional samples as generate.py --balanced-sampling writes them: image i is of
+    class i mod K and its prompt is that class's name, line i mod K of `class_names` (demo.shapes --class-labels
+    writes class_names.txt). Images may be a PNG folder, an npz or a JSON list, as in load_samples."""
+    return load_samples(images, class_names, images_per_prompt=1)
+
+
 def format_table(scores):
     """Plain-text table of a `score` result."""
     columns = ("n",) + ATTRIBUTES + ("all_attributes",)
@@ -237,7 +246,10 @@ def format_table(scores):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Score shapes-demo images against their captions.")
     parser.add_argument("--images", required=True, help="folder of 000000.png..., an .npz (arr_0) or a .json list")
-    parser.add_argument("--prompts", help="one caption per line in image index order, or a labels.json / JSON list")
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--prompts", help="one caption per line in image index order, or a labels.json / JSON list")
+    prompts.add_argument("--class-names", help="class-conditional samples (generate.py --balanced-sampling): line k "
+                                               "names class k, e.g. 'red circle'; image i is of class i mod K")
     parser.add_argument("--images-per-prompt", type=int, default=1,
                         help="as generate.py --num-images-per-prompt: image i takes prompt (i // K) mod #prompts")
     parser.add_argument("--meta", help="demo_meta.json of the training set: its held-out combinations are used")
@@ -251,7 +263,10 @@ def main(argv=None):
         if "holdout" not in meta:
             raise ValueError(f"{args.meta} has no 'holdout' list")
         holdout += meta["holdout"]
-    images, prompts = load_samples(args.images, args.prompts, args.images_per_prompt)
+    if args.class_names:
+        images, prompts = load_class_samples(args.images, args.class_names)
+    else:
+        images, prompts = load_samples(args.images, args.prompts, args.images_per_prompt)
     scores = score(images, prompts, holdout)
     print(format_table(scores))
     if args.save_path:
