@@ -7,16 +7,16 @@ Layout:
     data_dir/vae-in/latents_stats.pt            per-channel {'mean', 'std'}, computed once
 Label paths may name the latent or the image file; both map to the same id (see json_label_dataset).
 """
-import json
 import os
 
 from json_label_dataset import PairedLatentDataset, file_id
+from omegadit.files import read_json
 
 
 def read_class_labels(path) -> dict:
     """{id: int label} of a dataset.json {"labels": [[fname, label], ...]}."""
-    with open(path, encoding="utf-8") as f:
-        entries = json.load(f).get("labels")
+    data = read_json(path)
+    entries = data.get("labels") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise ValueError(f"{path}: 'labels' must be a list of [fname, label] (it is {type(entries).__name__})")
     labels, duplicates = {}, []

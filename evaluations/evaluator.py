@@ -1,12 +1,16 @@
 """ADM's (guided-diffusion) sample evaluator in PyTorch: Inception Score, FID, sFID, precision and recall.
 
-    python evaluations/evaluator.py REF.npz SAMPLE.npz [--save-path metrics.json]
+    python evaluations/evaluator.py REF SAMPLE [--save-path metrics.json] [--vgg-pr --vgg-weights vgg16.pth]
 
-REF and SAMPLE are ADM batches: `arr_0` holds uint8 images (N, H, W, 3). A batch that carries `mu`, `sigma`, `mu_s`
-and `sigma_s` (as ADM's reference batches do) has its FID/sFID statistics taken from the file; activations are still
+REF and SAMPLE are ADM batches (.npz whose `arr_0` holds uint8 images (N, H, W, 3)) or folders of .png/.jpg images
+of one size (read in sorted name order, subfolders not searched). A batch that carries `mu`, `sigma`, `mu_s` and
+`sigma_s` (as ADM's reference batches do) has its FID/sFID statistics taken from the file; activations are still
 computed for precision and recall. An .npz holding `pool` (N, 2048) and `spatial` (N, 2023) activations, such as a
-`--ref-cache` file, can stand in for a batch of images. Features come from evaluations/inception.py; the metric
-math reproduces ADM's evaluator on numpy arrays.
+`--ref-cache` file, can stand in for a batch of images (and one holding `vgg` (N, 4096) for the VGG16 features).
+Features come from evaluations/inception.py; the metric math reproduces ADM's evaluator on numpy arrays.
+
+`--vgg-pr` adds precision and recall as Kynkaanniemi et al. (2019) define them, in VGG16 fc2 feature space
+(evaluations/vgg.py), with the same k-NN code as ADM's Inception-space precision and recall.
 """
 import argparse
 import json
@@ -26,8 +30,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluations.inception import load_inception  # noqa: E402
+from evaluations.vgg import load_vgg16  # noqa: E402
+from omegadit import compat  # noqa: E402
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 def compute_statistics(activations):
@@ -151,8 +158,43 @@ def _read_npy_header(f):
     return None
 
 
+def list_image_files(folder):
+    """The .png/.jpg/.jpeg files directly in `folder`, sorted by name."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"{folder}: no .png or .jpg images in this folder (subfolders are not searched)")
+    return files
+
+
+def read_image(path):
+    """An image file as uint8 RGB (H, W, 3)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _folder_batches(files, batch_size):
+    size = None
+    for start in range(0, len(files), batch_size):
+        batch = []
+        for path in files[start : start + batch_size]:
+            image = read_image(path)
+            if size is None:
+                size = image.shape
+            elif image.shape != size:
+                raise ValueError(f"{path} is {image.shape[1]}x{image.shape[0]}, the first image of the folder "
+                                 f"{size[1]}x{size[0]}: a folder must hold images of one size")
+            batch.append(image)
+        yield np.stack(batch)
+
+
 def iterate_images(path, batch_size):
-    """(number of images, iterator of (B, H, W, 3) batches) of `arr_0` in an .npz, streamed from the archive."""
+    """(number of images, iterator of (B, H, W, 3) uint8 batches) of a folder of images, or of `arr_0` in an .npz
+    streamed from the archive."""
+    if os.path.isdir(path):
+        files = list_image_files(path)
+        return len(files), _folder_batches(files, batch_size)
     with zipfile.ZipFile(path) as archive:
         if "arr_0.npy" not in archive.namelist():
             raise ValueError(f"{path}: no 'arr_0' image array (holds {sorted(archive.namelist())})")
@@ -184,6 +226,9 @@ def _stream_batches(path, shape, dtype, batch_size):
 
 
 def _npz_files(path):
+    """Array names of an .npz batch; none for an image folder."""
+    if os.path.isdir(path):
+        return []
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not an .npz archive")
     with np.load(path) as data:
@@ -197,7 +242,7 @@ def compute_activations(model, path, batch_size=64):
     count, batches = iterate_images(path, batch_size)
     pools, spatials = [], []
     with _full_precision():
-        for batch in tqdm(batches, total=-(-count // batch_size), desc=os.path.basename(path)):
+        for batch in tqdm(batches, total=-(-count // batch_size), desc=os.path.basename(os.path.normpath(path))):
             pool, spatial = model(torch.from_numpy(batch).to(device))
             pools.append(pool.cpu().numpy())
             spatials.append(spatial.cpu().numpy())
@@ -216,23 +261,65 @@ def inception_softmax(model, pool, batch_size=512):
     return np.concatenate(rows)
 
 
+def _source_of(path):
+    """What a cache records about the batch it was made from: its path and size (a folder: its images)."""
+    if os.path.isdir(path):
+        files = list_image_files(path)
+        return f"{os.path.abspath(path)}:{len(files)} images:{sum(f.stat().st_size for f in files)} bytes"
+    return f"{os.path.abspath(path)}:{os.path.getsize(path)}"
+
+
+def _read_cache(cache, source):
+    """The arrays of `cache` when it was made from `source`, else {}."""
+    if cache is None or not os.path.exists(cache):
+        return {}
+    with np.load(cache) as data:
+        if str(data["source"]) == source:
+            return {name: data[name] for name in data.files if name != "source"}
+    print(f"{cache} was made from another file; recomputing it", file=sys.stderr)
+    return {}
+
+
+def _cached_features(path, names, compute, cache):
+    """Arrays `names` of a batch: from the batch file itself when it holds them, else from `cache` when it was made
+    from this batch, else `compute()`d and added to `cache` (which keeps the other features it holds)."""
+    if set(names) <= set(_npz_files(path)):
+        with np.load(path) as data:
+            return tuple(data[name] for name in names)
+    source = _source_of(path)
+    cached = _read_cache(cache, source)
+    if set(names) <= set(cached):
+        return tuple(cached[name] for name in names)
+    arrays = compute()
+    if cache is not None:
+        cached.update(zip(names, arrays))
+        with open(cache, "wb") as f:
+            np.savez(f, source=np.array(source), **cached)
+    return arrays
+
+
 def read_activations(path, model, batch_size=64, cache=None):
     """(pool, spatial) of a batch: its own `pool`/`spatial` arrays, else `cache` when it was made from this file,
     else computed from its images (and written to `cache` when given)."""
-    if {"pool", "spatial"} <= set(_npz_files(path)):
-        with np.load(path) as data:
-            return data["pool"], data["spatial"]
-    source = f"{os.path.abspath(path)}:{os.path.getsize(path)}"
-    if cache is not None and os.path.exists(cache):
-        with np.load(cache) as data:
-            if str(data["source"]) == source:
-                return data["pool"], data["spatial"]
-        print(f"{cache} was made from another file; recomputing it", file=sys.stderr)
-    pool, spatial = compute_activations(model, path, batch_size)
-    if cache is not None:
-        with open(cache, "wb") as f:
-            np.savez(f, pool=pool, spatial=spatial, source=np.array(source))
-    return pool, spatial
+    return _cached_features(path, ("pool", "spatial"), lambda: compute_activations(model, path, batch_size), cache)
+
+
+@torch.no_grad()
+def compute_vgg_features(model, path, batch_size=64):
+    """VGG16 fc2 (N, 4096) float32 features of the images of a batch (.npz or folder)."""
+    device = next(model.parameters()).device
+    count, batches = iterate_images(path, batch_size)
+    features = []
+    with _full_precision():
+        name = os.path.basename(os.path.normpath(path))
+        for batch in tqdm(batches, total=-(-count // batch_size), desc=f"VGG16 {name}"):
+            features.append(model(torch.from_numpy(np.ascontiguousarray(batch)).to(device)).float().cpu().numpy())
+    return np.concatenate(features)
+
+
+def read_vgg_features(path, model, batch_size=64, cache=None):
+    """VGG16 features of a batch: its own `vgg` array, else `cache`, else computed (and added to `cache`)."""
+    return _cached_features(path, ("vgg",), lambda: (compute_vgg_features(model, path, batch_size),), cache)[0]
 
 
 def read_statistics(path, pool, spatial):
@@ -244,14 +331,15 @@ def read_statistics(path, pool, spatial):
 
 
 def evaluate(ref_path, sample_path, model, batch_size=64, ref_cache=None, split_size=5000, k=3, pr_batch_size=10000,
-             device=None):
-    """ADM's five metrics of a sample batch against a reference batch, as a dict (plus the batch sizes)."""
+             device=None, vgg=None):
+    """ADM's five metrics of a sample batch against a reference batch, as a dict (plus the batch sizes); with a
+    VGG16 `vgg`, also precision and recall in its fc2 feature space (`vgg_precision`, `vgg_recall`)."""
     ref_pool, ref_spatial = read_activations(ref_path, model, batch_size, ref_cache)
     ref_stats, ref_stats_s = read_statistics(ref_path, ref_pool, ref_spatial)
     pool, spatial = read_activations(sample_path, model, batch_size)
     stats, stats_s = read_statistics(sample_path, pool, spatial)
     precision, recall = precision_recall(ref_pool, pool, k, pr_batch_size, pr_batch_size, device)
-    return {
+    metrics = {
         "inception_score": inception_score(inception_softmax(model, pool), split_size),
         "fid": frechet_distance(*stats, *ref_stats),
         "sfid": frechet_distance(*stats_s, *ref_stats_s),
@@ -260,30 +348,46 @@ def evaluate(ref_path, sample_path, model, batch_size=64, ref_cache=None, split_
         "num_ref": len(ref_pool),
         "num_samples": len(pool),
     }
+    if vgg is not None:
+        ref_vgg = read_vgg_features(ref_path, vgg, batch_size, ref_cache)
+        sample_vgg = read_vgg_features(sample_path, vgg, batch_size)
+        metrics["vgg_precision"], metrics["vgg_recall"] = precision_recall(
+            ref_vgg, sample_vgg, k, pr_batch_size, pr_batch_size, device)
+    return metrics
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("ref_batch", help="reference batch .npz (arr_0 uint8 NHWC images; mu/sigma/mu_s/sigma_s used)")
-    parser.add_argument("sample_batch", help="sample batch .npz (arr_0 uint8 NHWC images)")
+    parser.add_argument("ref_batch", nargs="?", help="reference batch: .npz (arr_0 uint8 NHWC images; "
+                                                     "mu/sigma/mu_s/sigma_s used) or a folder of .png/.jpg images")
+    parser.add_argument("sample_batch", nargs="?",
+                        help="sample batch: .npz (arr_0 uint8 NHWC images) or a folder of images")
     parser.add_argument("--save-path", default=None, help="write the metrics as JSON here")
     parser.add_argument("--inception-weights", default=None,
                         help="pt_inception-2015-12-05-6726825d.pth (default: the torch.hub cache, downloaded there)")
     parser.add_argument("--no-download", action="store_true", help="never download the Inception weights")
-    parser.add_argument("--ref-cache", default=None, help="cache .npz of the reference activations (read or written)")
+    parser.add_argument("--ref-cache", default=None,
+                        help="cache .npz of the reference activations and VGG16 features (read or written)")
+    parser.add_argument("--vgg-pr", action="store_true",
+                        help="also precision/recall in VGG16 fc2 space (Kynkaanniemi et al. 2019, k = --nhood-size)")
+    parser.add_argument("--vgg-weights", default=None,
+                        help="torchvision's vgg16-397923af.pth or a .safetensors (default: $OMEGADIT_VGG16_WEIGHTS, "
+                             "else $TORCH_HOME/hub/checkpoints/vgg16-397923af.pth; never downloaded)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per Inception forward (default: 64)")
     parser.add_argument("--is-split-size", type=int, default=5000, help="Inception Score split size (default: 5000)")
     parser.add_argument("--nhood-size", type=int, default=3, help="k of precision/recall (default: 3)")
     parser.add_argument("--pr-batch-size", type=int, default=10000,
                         help="rows and columns per precision/recall distance block (default: 10000)")
-    args = parser.parse_args(argv)
+    compat.add_original_flags(parser, "evaluator", recipes=False)
+    args = compat.resolve_evaluator(parser, parser.parse_args(argv))
 
     device = torch.device(args.device) if args.device else _default_device()
     try:
+        vgg = load_vgg16(args.vgg_weights, device) if args.vgg_pr else None
         model = load_inception(args.inception_weights, device, download=not args.no_download)
         metrics = evaluate(args.ref_batch, args.sample_batch, model, args.batch_size, args.ref_cache,
-                           args.is_split_size, args.nhood_size, args.pr_batch_size, device)
+                           args.is_split_size, args.nhood_size, args.pr_batch_size, device, vgg)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(1, f"error: {error}\n")
     print("Inception Score:", metrics["inception_score"])
@@ -291,11 +395,18 @@ def main(argv=None):
     print("sFID:", metrics["sfid"])
     print("Precision:", metrics["precision"])
     print("Recall:", metrics["recall"])
+    if vgg is not None:
+        print("VGG16 Precision:", metrics["vgg_precision"])
+        print("VGG16 Recall:", metrics["vgg_recall"])
     if args.save_path:
         Path(args.save_path).parent.mkdir(parents=True, exist_ok=True)
         metrics.update(ref_batch=args.ref_batch, sample_batch=args.sample_batch)
         with open(args.save_path, "w") as f:
             json.dump(metrics, f, indent=2)
+    original_path = compat.original_metrics_path(args)
+    if original_path is not None:
+        compat.write_original_metrics(original_path, metrics)
+        print(f"wrote {original_path}")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,20 @@ Input handling follows the graph from `ExpandDims` on: float pixels in [0, 255] 
 float32), `ResizeBilinear` to 299x299 with TF1 semantics (align_corners=False and no half-pixel centres: source
 coordinate = dst * in/out), then `Sub` 128 and `Mul` 1/128, i.e. (x - 128) / 128 (graph nodes `ExpandDims,
 ResizeBilinear, Sub, Mul, conv/...`; torch-fidelity's port of the same graph resizes and normalises this way too).
-This differs from pytorch-fid, which resizes with half-pixel centres and maps x/255 to [-1, 1].
+This differs from pytorch-fid, which resizes with half-pixel centres and maps x/255 to [-1, 1]
+(`preprocess_pytorch_fid` below does what it does, for comparisons).
+
+Checking the port against pytorch-fid once the weights are at hand (pytorch-fid installed, e.g. from
+requirements-dev.txt):
+
+    python evaluations/inception.py --compare-pytorch-fid FOLDER_OR_NPZ --inception-weights PATH
+
+runs both networks on the same images with pytorch-fid's own preprocessing and reports the largest difference of
+the 2048-d pool features (tests/test_inception_parity.py does the same layer by layer on random weights).
 """
+import argparse
 import os
+import sys
 
 import numpy as np
 import torch
@@ -236,7 +247,10 @@ class FIDInceptionV3(nn.Module):
 
     def forward(self, images):
         """Images (N, H, W, 3) in [0, 255] -> (pool (N, 2048), spatial (N, 17*17*7) in NHWC order)."""
-        x = self.preprocess(images)
+        return self.forward_normalized(self.preprocess(images))
+
+    def forward_normalized(self, x):
+        """Graph input (N, 3, 299, 299), already resized and in [-1, 1] -> (pool, spatial) as `forward`."""
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
@@ -279,15 +293,155 @@ def fetch_weights(download=True):
     return path
 
 
-def load_inception(weights=None, device="cpu", download=True):
-    """FIDInceptionV3 in eval mode from `weights` (a .pth state dict) or the torch.hub cache / a download."""
-    path = weights if weights is not None else fetch_weights(download)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(_missing_weights_message(path))
+def read_state_dict(path):
+    """A dict of tensors from a .safetensors file or a torch file, loaded without executing code."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    return dict(state)
+
+
+# The modules of pytorch_fid.inception.InceptionV3's `blocks` (a ModuleList of Sequentials), by position; the
+# positions not listed are parameter-free max and average pools.
+PYTORCH_FID_BLOCKS = (
+    ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3"),
+    ("Conv2d_3b_1x1", "Conv2d_4a_3x3"),
+    ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"),
+    ("Mixed_7a", "Mixed_7b", "Mixed_7c"),
+)
+
+
+def convert_pytorch_fid_state_dict(state):
+    """pytorch-fid's Inception weights in FIDInceptionV3's parameter names.
+
+    Takes either layout pytorch-fid has: the weights file `pt_inception-2015-12-05-6726825d.pth` (the names of its
+    `fid_inception_v3()`, torchvision's Inception3 names, which are FIDInceptionV3's own: kept as they are), or
+    the state dict of its feature wrapper `pytorch_fid.inception.InceptionV3` (`blocks.B.I.<name>`, renamed to the
+    Inception3 module at that position). The wrapper has no classifier, so a converted wrapper state lacks
+    `fc.weight` and `fc.bias`.
+    """
+    converted = {}
+    for key, value in state.items():
+        if key.startswith("blocks."):
+            _, block, index, rest = key.split(".", 3)
+            try:
+                key = f"{PYTORCH_FID_BLOCKS[int(block)][int(index)]}.{rest}"
+            except (IndexError, ValueError):
+                raise ValueError(f"{key!r} is not a parameter of pytorch-fid's InceptionV3 blocks") from None
+        if key in converted:
+            raise ValueError(f"{key!r} appears twice after conversion")
+        converted[key] = value
+    return converted
+
+
+def load_inception(weights=None, device="cpu", download=True):
+    """FIDInceptionV3 in eval mode from `weights` (.pth state dict or .safetensors, in FIDInceptionV3's or
+    pytorch-fid's names) or the torch.hub cache / a download."""
+    path = weights if weights is not None else fetch_weights(download)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(_missing_weights_message(path))
+    state = convert_pytorch_fid_state_dict(read_state_dict(path))
+    if "fc.weight" not in state and "Mixed_7c.branch_pool.conv.weight" in state:
+        raise ValueError(
+            f"{path} has no classifier (fc.weight), which the Inception Score needs: it looks like the state dict "
+            f"of pytorch-fid's InceptionV3 feature wrapper; use the weights file {FID_WEIGHTS_NAME} itself"
+        )
     model = FIDInceptionV3()
     # A plain dict carries no module versions, so BatchNorm fills a missing num_batches_tracked itself.
-    model.load_state_dict(dict(state), strict=True)
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval().requires_grad_(False)
+
+
+def preprocess_pytorch_fid(images):
+    """(N, H, W, 3) pixels in [0, 255] -> (N, 3, 299, 299) input as pytorch-fid makes it.
+
+    pytorch-fid reads images as x / 255, resizes them with F.interpolate (bilinear, align_corners=False: half-pixel
+    centres) and maps them to [-1, 1] by 2x - 1. Only for comparisons with pytorch-fid: ADM's evaluator, and so
+    ours, uses `FIDInceptionV3.preprocess`.
+    """
+    x = images.permute(0, 3, 1, 2).float() / 255.0
+    x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+    return 2 * x - 1
+
+
+def pytorch_fid_inception(weights):
+    """pytorch-fid's own InceptionV3 feature network (2048-d pool, with its own resize and normalisation) holding
+    the weights file `weights`, built without downloading: its loader is pointed at the file while it is built."""
+    from pytorch_fid import inception as pytorch_fid
+
+    state = read_state_dict(weights)
+
+    def from_file(url, *args, **kwargs):
+        if url != pytorch_fid.FID_WEIGHTS_URL:
+            raise ValueError(f"pytorch-fid asked for {url}, not its FID weights")
+        return state
+
+    original = pytorch_fid.load_state_dict_from_url
+    pytorch_fid.load_state_dict_from_url = from_file
+    try:
+        model = pytorch_fid.InceptionV3([pytorch_fid.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+    finally:
+        pytorch_fid.load_state_dict_from_url = original
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def compare_with_pytorch_fid(images_path, weights, batch_size=16, device="cpu"):
+    """Pool features of FIDInceptionV3 and of pytorch-fid's InceptionV3 with the same weights on the images of an
+    .npz batch or a folder, both given pytorch-fid's preprocessing. Returns the number of images, the largest
+    absolute difference, that difference relative to the largest feature, and how far ADM's preprocessing moves
+    our features from pytorch-fid's (relative, for information)."""
+    from evaluations.evaluator import _full_precision, iterate_images
+
+    ours = load_inception(weights, device, download=False)
+    theirs = pytorch_fid_inception(weights).to(device)
+    count, batches = iterate_images(images_path, batch_size)
+    diff = scale = adm_diff = 0.0
+    with _full_precision():
+        for batch in batches:
+            pixels = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+            reference = theirs(pixels.permute(0, 3, 1, 2).float() / 255.0)[0].flatten(1)
+            pool = ours.forward_normalized(preprocess_pytorch_fid(pixels))[0]
+            adm_pool = ours(pixels)[0]
+            diff = max(diff, (pool - reference).abs().max().item())
+            adm_diff = max(adm_diff, (adm_pool - reference).abs().max().item())
+            scale = max(scale, reference.abs().max().item())
+    scale = scale or 1.0
+    return {"images": count, "max_abs_diff": diff, "max_rel_diff": diff / scale,
+            "adm_preprocess_rel_diff": adm_diff / scale}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Check the FID Inception port against pytorch-fid on images.")
+    parser.add_argument("--compare-pytorch-fid", required=True, metavar="IMAGES",
+                        help="an image folder (png/jpg) or an ADM .npz batch")
+    parser.add_argument("--inception-weights", default=None,
+                        help=f"{FID_WEIGHTS_NAME} (default: the torch.hub cache; never downloaded here)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest relative difference accepted")
+    args = parser.parse_args(argv)
+    try:
+        weights = args.inception_weights or fetch_weights(download=False)
+        result = compare_with_pytorch_fid(args.compare_pytorch_fid, weights, args.batch_size, args.device)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        parser.exit(2, f"error: {error}\n")
+    print(f"images: {result['images']}")
+    print(f"pool features, same input: max |ours - pytorch-fid| = {result['max_abs_diff']:.3g} "
+          f"({result['max_rel_diff']:.3g} of the largest feature)")
+    print(f"ADM's preprocessing instead of pytorch-fid's moves them by {result['adm_preprocess_rel_diff']:.3g}")
+    if result["max_rel_diff"] > args.tolerance:
+        print(f"MISMATCH: above the tolerance {args.tolerance}")
+        sys.exit(1)
+    print("OK: the port matches pytorch-fid")
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()

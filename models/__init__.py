@@ -20,4 +20,4 @@ def rebuild_backbone(architecture: str, config: dict):
     return ARCHITECTURES.get(architecture).from_config(config)
 
 
-from models import dit, lightningdit, sit, uvit  # noqa: E402,F401  (register the backbone families)
+from models import dit, lightningdit, sit, unet, uvit  # noqa: E402,F401  (register the backbone families)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import ARCHITECTURES, BACKBONES
-from models.backbone import Backbone
+from models.backbone import ClassLabelTransformer, register_sizes, unpatchify
 from omegadit.weights_io import read_weights_file, strip_wrapper_prefixes
 from models.pos_embed import sincos_2d
 from models.sit import LabelEmbedder, TimestepEmbedder, modulate
@@ -42,14 +42,14 @@ def dit_latent_stats(channels: int = 4):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (biases on), through torch SDPA."""
+    """Multi-head self-attention with a fused qkv projection, through torch SDPA (U-ViT leaves the qkv bias out)."""
 
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
@@ -60,15 +60,16 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1, GELU (tanh approximation), fc2."""
+    """fc1, GELU (DiT: tanh approximation; U-ViT: exact), fc2."""
 
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, approximate="tanh"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.approximate = approximate
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 def layer_norm(dim):
@@ -107,7 +108,7 @@ class FinalLayer(nn.Module):
 
 
 @ARCHITECTURES.register("dit")
-class DiT(Backbone):
+class DiT(ClassLabelTransformer):
     """`model(x, t, y) -> (output, {})`: x (N, C, H, W) noisy latents, t (N,) diffusion timesteps 0..999 (float),
     y (N,) class labels (index `num_classes` is the null class). The output has 2C channels with `learn_sigma`
     (noise prediction, then variance values in [-1, 1] nominally), else C."""
@@ -137,61 +138,16 @@ class DiT(Backbone):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
-    @property
-    def conditioning(self):
-        return "class"
-
-    def null_condition(self, batch_size, device=None):
-        """The null class label (N,) used for guidance and label dropout."""
-        return self.y_embedder.null(batch_size, device)
-
-    def initialize_weights(self):
-        """DiT's initialisation: xavier-uniform linears and patch projection, N(0, 0.02) embeddings, zeroed adaLN
-        and output layers (adaLN-Zero)."""
-        def basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        self.apply(basic_init)
-        weight = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
-    def unpatchify(self, x):
-        """(N, tokens, p*p*C) -> (N, C, H, W)."""
-        p, g, c = self.patch_size, self.grid_size, self.out_channels
-        x = x.reshape(x.shape[0], g, g, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
-
     def forward(self, x, t, y):
         """Returns (output (N, out_channels, H, W), {})."""
         x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
             x = self.run_block(block, x, c)
-        return self.unpatchify(self.final_layer(x, c)), {}
+        return unpatchify(self.final_layer(x, c), self.patch_size, self.out_channels), {}
 
 
-def _constructor(size, patch_size):
-    def build(**kwargs):
-        return DiT(patch_size=patch_size, **SIZES[size], **kwargs)
-    build.__name__ = f"DiT_{size}_{patch_size}"
-    build.__doc__ = f"DiT-{size}/{patch_size}: {SIZES[size]}, patch size {patch_size}."
-    return build
-
-
-DiT_models = {f"DiT-{size}/{p}": _constructor(size, p) for size in SIZES for p in PATCH_SIZES}
-for _name, _build in DiT_models.items():
-    BACKBONES.register(_name, _build)
+DiT_models = register_sizes(BACKBONES, "DiT", DiT, SIZES, PATCH_SIZES)
 
 
 # ------------------------------------------------------------------------------------------------------------------

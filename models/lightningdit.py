@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from models import ARCHITECTURES, BACKBONES
-from models.backbone import Backbone
+from models.backbone import ClassLabelTransformer, register_sizes, unpatchify
 from omegadit.weights_io import read_weights_file, strip_wrapper_prefixes
 from models.pos_embed import rope_2d_tables, sincos_2d
 from models.sit import Attention, FinalLayer, LabelEmbedder, RMSNorm, SwiGLU, TimestepEmbedder
@@ -69,7 +69,7 @@ class LightningDiTBlock(nn.Module):
 
 
 @ARCHITECTURES.register("lightningdit")
-class LightningDiT(Backbone):
+class LightningDiT(ClassLabelTransformer):
     """LightningDiT: `model(x, t, y) -> (velocity data - noise, {})` with t LightningDiT's time (1 = data) and
     y class labels in [0, num_classes]; index num_classes is the null class of classifier-free guidance."""
 
@@ -107,40 +107,6 @@ class LightningDiT(Backbone):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.initialize_weights()
 
-    @property
-    def conditioning(self):
-        return "class"
-
-    def null_condition(self, batch_size, device=None):
-        """The null class index num_classes, (N,) long, used for guidance and label dropout."""
-        return self.y_embedder.null(batch_size, device)
-
-    def initialize_weights(self):
-        """DiT initialisation: xavier linears and patch projection, N(0, 0.02) embeddings, zeroed adaLN and output."""
-        def basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        self.apply(basic_init)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
-    def unpatchify(self, x):
-        """(N, tokens, p*p*C) -> (N, C, H, W)."""
-        p, g, c = self.patch_size, self.grid_size, self.out_channels
-        x = x.reshape(x.shape[0], g, g, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
-
     def forward(self, x, t, y):
         """x (N, C, H, W) noisy latents, t (N,) LightningDiT times in [0, 1] (1 = data), y (N,) class labels.
         Returns (velocity (N, C, H, W), {})."""
@@ -148,21 +114,11 @@ class LightningDiT(Backbone):
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
             x = self.run_block(block, x, c, self.rope_cos, self.rope_sin)
-        out = self.unpatchify(self.final_layer(x, c))
+        out = unpatchify(self.final_layer(x, c), self.patch_size, self.out_channels)
         return out[:, :self.in_channels], {}
 
 
-def _constructor(size, patch_size):
-    def build(**kwargs):
-        return LightningDiT(patch_size=patch_size, **SIZES[size], **kwargs)
-    build.__name__ = f"LightningDiT_{size}_{patch_size}"
-    build.__doc__ = f"LightningDiT-{size}/{patch_size}: {SIZES[size]}, patch size {patch_size}."
-    return build
-
-
-LightningDiT_models = {f"LightningDiT-{size}/{p}": _constructor(size, p) for size in SIZES for p in PATCH_SIZES}
-for _name, _build in LightningDiT_models.items():
-    BACKBONES.register(_name, _build)
+LightningDiT_models = register_sizes(BACKBONES, "LightningDiT", LightningDiT, SIZES, PATCH_SIZES)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from omegadit.files import load_safetensors, load_torch
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DINOV2_SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}
@@ -90,15 +92,11 @@ class RepaEncoder(nn.Module):
         return tokens[:, self.model.num_prefix_tokens:].float()
 
     def load_weights(self, path) -> "RepaEncoder":
-        """Load a timm or original DINOv2 state dict (.safetensors, or .pth read with weights_only=True)."""
+        """Load a timm or original DINOv2 state dict (.safetensors, or .pth refused if it would run code)."""
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         path = Path(path)
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_safetensors(path) if path.suffix == ".safetensors" else load_torch(path)
         if not isinstance(state, dict):
             raise ValueError(f"{path} does not hold a state dict")
         try:

@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from models import ARCHITECTURES, BACKBONES
-from models.backbone import Backbone
+from models.backbone import Backbone, init_adaln_zero, register_sizes, unpatchify
 from models.pos_embed import apply_rope, rope_2d_tables, sincos_2d
+from omegadit.conditioners import DEFAULT_TEXT_LEN
 
 DENSE_IN = 2
 DENSE_OUT = 2
@@ -186,7 +187,7 @@ class SiT(Backbone):
         num_heads=12,
         mlp_ratio=4.0,
         text_dim=None,
-        text_len=77,
+        text_len=DEFAULT_TEXT_LEN,
         num_classes=None,
         z_dims=(768,),
         projector_dim=2048,
@@ -263,39 +264,18 @@ class SiT(Backbone):
         self.path_drop_generator.set_state(state["path_drop_generator"])
 
     def initialize_weights(self):
-        """DiT initialisation: xavier linears, zeroed adaLN and output layers."""
-        def basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        self.apply(basic_init)
+        """DiT's adaLN-Zero initialisation, with q, k and v initialised as three (dim, dim) Xavier layers as the
+        original OmegaDiT has them."""
+        init_adaln_zero(self)
         for block in self.blocks:
             for projection in block.attn.qkv.weight.chunk(3, dim=0):
-                nn.init.xavier_uniform_(projection)  # q, k and v as three (dim, dim) layers, as the original
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        if not self.is_text_conditioned:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+                nn.init.xavier_uniform_(projection)
 
     def null_condition(self, batch_size, device=None):
         """The null caption embedding (N, text_len, text_dim) or the null class (N,) used for guidance."""
         if self.is_text_conditioned:
             return self.y_embedder.null(batch_size).to(device)
         return self.y_embedder.null(batch_size, device)
-
-    def unpatchify(self, x):
-        p, g, c = self.patch_size, self.grid_size, self.in_channels
-        x = x.reshape(x.shape[0], g, g, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
     def _rope_tables(self, image_ids=None):
         """Cos/sin tables over [caption | image] tokens: identity on captions, 2D RoPE on the (selected) image
@@ -320,7 +300,12 @@ class SiT(Backbone):
         return None, t_emb + self.y_embedder(y)
 
     def _path_drop_mask(self, uncond, batch, device):
-        """Which samples get the mask token instead of the sparse path: a bool, or a (N,) bool tensor."""
+        """Which samples get the mask token instead of the sparse path: a bool, an int k (samples k: onwards), or a
+        (N,) bool tensor."""
+        if isinstance(uncond, int) and not isinstance(uncond, bool):
+            if not 0 <= uncond <= batch:
+                raise ValueError(f"uncond={uncond} is no split point of a batch of {batch}")
+            return uncond
         if isinstance(uncond, torch.Tensor):
             return uncond.to(device=device, dtype=torch.bool)
         if self.training and self.path_drop_prob > 0:
@@ -346,7 +331,8 @@ class SiT(Backbone):
     def forward(self, x, t, y, uncond=False):
         """x (N, C, H, W) noisy latents, t (N,) times in [0, 1], y captions (N, text_len, text_dim) or labels (N,).
 
-        uncond: True (or a per-sample (N,) bool tensor) replaces the sparse path by the mask token (path drop).
+        uncond: True, a per-sample (N,) bool tensor, or an int k (samples k: onwards; the sparse blocks then run on
+        the first k samples only) replaces the sparse path by the mask token (path drop).
         Returns (velocity (N, C, H, W), {"repa": [projector output (N, image tokens, z_dim) for each z_dim]}).
         """
         x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
@@ -367,6 +353,10 @@ class SiT(Backbone):
         mask = self.mask_token.to(dense.dtype)
         if isinstance(path_drop, torch.Tensor):
             sparse = torch.where(path_drop.view(-1, 1, 1), mask, self._sparse_path(dense, c))
+        elif isinstance(path_drop, int) and not isinstance(path_drop, bool):
+            # [conditional | unconditional] batch of guidance: the sparse path only runs for the first part.
+            tail = mask.expand(batch - path_drop, dense.shape[1], dim)
+            sparse = torch.cat([self._sparse_path(dense[:path_drop], c[:path_drop]), tail.to(dense.dtype)])
         elif not self.training:
             sparse = mask.expand(batch, dense.shape[1], dim) if path_drop else self._sparse_path(dense, c)
         else:
@@ -379,7 +369,7 @@ class SiT(Backbone):
         for block in self.blocks[len(self.blocks) - DENSE_OUT:]:
             x = self._run_block(block, x, c, rope_full)
         out = self.final_layer(x[:, self.text_len:], c)
-        return self.unpatchify(out), {"repa": zs}
+        return unpatchify(out, self.patch_size, self.in_channels), {"repa": zs}
 
     def _sparse_path(self, dense, c):
         """Middle blocks on the caption tokens and (in training) a random subset of image tokens, padded back."""
@@ -411,25 +401,14 @@ SIZES = {
 }
 
 
-def _constructor(size, patch_size):
-    def build(**kwargs):
-        return SiT(patch_size=patch_size, **SIZES[size], **kwargs)
-    build.__name__ = f"SiT_{size}_{patch_size}"
-    build.__wrapped__ = SiT
-    build.__doc__ = f"SiT-{size}/{patch_size}: {SIZES[size]}, patch size {patch_size}."
-    return build
-
-
-SiT_models = {f"SiT-{size}/{p}": _constructor(size, p) for size in SIZES for p in (1, 2, 4)}
-for _name, _build in SiT_models.items():
-    BACKBONES.register(_name, _build)
+SiT_models = register_sizes(BACKBONES, "SiT", SiT, SIZES, (1, 2, 4))
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Checkpoints of the original OmegaDiT train.py
 # ------------------------------------------------------------------------------------------------------------------
 
-REFERENCE_TEXT_LEN = 77
+REFERENCE_TEXT_LEN = DEFAULT_TEXT_LEN  # the original's CLIP-L caption length
 _REFERENCE_IGNORED = ("path_type", "encoder_depth", "class_dropout_prob", "cls_token_dim", "fused_attn", "use_cfg",
                       "num_classes", "decoder_hidden_size")
 

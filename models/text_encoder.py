@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from omegadit.conditioners import DEFAULT_TEXT_LEN
+
 MODELSCOPE_PREFIX = "AI-ModelScope/"
 HUB_MIRRORS = {"AI-ModelScope/CLIP-GmP-ViT-L-14": "zer0int/CLIP-GmP-ViT-L-14"}
 CLIP_MODEL_TYPES = ("clip", "clip_text_model")
@@ -74,7 +76,7 @@ class TextEncoder(nn.Module):
     hidden state computed with the padding mask. Captions are padded/truncated to `max_length` tokens.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, max_length: int = 77, name: str = "",
+    def __init__(self, model: nn.Module, tokenizer, max_length: int = DEFAULT_TEXT_LEN, name: str = "",
                  clip_output: str = "penultimate"):
         super().__init__()
         if clip_output not in CLIP_OUTPUTS:
@@ -92,7 +94,7 @@ class TextEncoder(nn.Module):
         self.eval()
 
     @classmethod
-    def load(cls, model_id_or_path, device="cpu", max_length: int = 77, dtype=torch.float32,
+    def load(cls, model_id_or_path, device="cpu", max_length: int = DEFAULT_TEXT_LEN, dtype=torch.float32,
              clip_output: str = "penultimate") -> "TextEncoder":
         """Load a frozen encoder from a local dir, 'minilm', a ModelScope id or a hub id (see module docstring)."""
         name = str(model_id_or_path)

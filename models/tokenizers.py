@@ -4,8 +4,10 @@ Specs (the `spec` attribute is what a checkpoint records to rebuild the same tok
   'pixel' / 'pixel:<patch>'   weight-free space-to-depth patches, exactly invertible
   'vavae:<config.yaml>'       VA-VAE from an LDM-format checkpoint (models/vavae.py)
   '<hub id or local dir>'     any diffusers AutoencoderKL (SD-VAE, INVAE, ...)
-Latents are raw (posterior mean for VAEs, no scaling_factor); datasets normalise them with their stats.
+Latents are raw (no scaling_factor); datasets normalise them with their stats. A VAE's latent is its posterior mean
+(`encode`) or a sample of the posterior (`encode_sample`, with noise seeded by each image's id).
 """
+import hashlib
 from pathlib import Path
 
 import torch
@@ -26,8 +28,21 @@ def to_uint8(images):
     return ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def posterior_noise(ids, shape, seed: int = 0):
+    """Standard normal noise of `shape` for each image id, the same on every machine and in every batch: a CPU
+    generator seeded by a hash of `seed` and the id."""
+    noise = []
+    for key in ids:
+        digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        noise.append(torch.randn(tuple(shape), generator=generator))
+    return torch.stack(noise)
+
+
 class PixelTokenizer:
     """Space-to-depth tokenizer: (N, 3, H, W) uint8 -> (N, 3*p*p, H/p, W/p) float in [-1, 1]."""
+
+    has_posterior = False
 
     def __init__(self, patch_size: int = 4, device="cpu"):
         if patch_size < 1:
@@ -54,6 +69,8 @@ class PixelTokenizer:
 class VAETokenizer:
     """uint8 interface over a KLAutoencoder (encode_posterior / decode on images in [-1, 1])."""
 
+    has_posterior = True
+
     def __init__(self, vae, spec: str, device="cpu", ckpt_path=None):
         self.vae = vae.to(device)
         self.spec = spec
@@ -72,6 +89,14 @@ class VAETokenizer:
         """Posterior mean (N, C, H/f, W/f) float32 of uint8 images."""
         mean, _ = self.vae.encode_posterior(to_float(images.to(self.device)))
         return mean.float()
+
+    @torch.no_grad()
+    def encode_sample(self, images, ids, seed: int = 0):
+        """A sample mean + exp(logvar / 2) * noise of the posterior (N, C, H/f, W/f) float32 of uint8 images; the
+        noise of each image comes from its id (`posterior_noise`), so a sample is reproducible."""
+        mean, logvar = self.vae.encode_posterior(to_float(images.to(self.device)))
+        noise = posterior_noise(ids, mean.shape[1:], seed).to(mean.device)
+        return mean.float() + torch.exp(0.5 * logvar.float()) * noise
 
     @torch.no_grad()
     def decode(self, latents):

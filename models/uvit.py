@@ -24,11 +24,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import ARCHITECTURES, BACKBONES
-from models.backbone import Backbone
+from models.backbone import Backbone, register_sizes, unpatchify
+from models.dit import Attention, Mlp
+from omegadit.conditioners import DEFAULT_TEXT_LEN
 from omegadit.weights_io import read_weights_file
 
 HEAD_DIM = 64  # every released U-ViT (and every size of the paper's table 1) uses 64-wide heads
-CLIP_TOKENS = 77
+CLIP_TOKENS = DEFAULT_TEXT_LEN  # its MS-COCO models: 77 CLIP-L tokens
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -42,36 +44,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return embedding
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention through torch SDPA; the qkv bias is optional (U-ViT leaves it out)."""
-
-    def __init__(self, dim, num_heads, qkv_bias=False):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        batch, tokens, dim = x.shape
-        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(*qkv.unbind(0))
-        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
-
-
-class Mlp(nn.Module):
-    """Two linear layers with an exact GELU between them."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class Block(nn.Module):
     """Pre-norm transformer block; with `skip`, it first maps [x, long skip] to the width by a linear layer."""
 
@@ -81,7 +53,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate="none")
 
     def forward(self, x, skip=None):
         if self.skip_linear is not None:
@@ -213,11 +185,6 @@ class UViT(Backbone):
             return [time, self.context_embed(y.to(dtype))]
         return [time]
 
-    def unpatchify(self, x):
-        p, g, c = self.patch_size, self.grid_size, self.in_channels
-        x = x.reshape(x.shape[0], g, g, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
-
     def forward(self, x, t, y=None):
         """x (N, C, H, W) noisy input, t (N,) discrete timesteps, y the condition. Returns (epsilon, {})."""
         patches = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
@@ -230,7 +197,7 @@ class UViT(Backbone):
         for block in self.out_blocks:
             x = self.run_block(block, x, skips.pop())
         x = self.decoder_pred(self.norm(x))[:, self.num_extra:]
-        x = self.unpatchify(x)
+        x = unpatchify(x, self.patch_size, self.in_channels)
         if self.final_layer is not None:
             x = self.final_layer(x)
         return x, {}
@@ -245,17 +212,7 @@ SIZES = {
 }
 
 
-def _constructor(size, patch_size):
-    def build(**kwargs):
-        return UViT(patch_size=patch_size, **SIZES[size], **kwargs)
-    build.__name__ = f"UViT_{size}_{patch_size}"
-    build.__doc__ = f"U-ViT-{size}/{patch_size}: {SIZES[size]}, patch size {patch_size}."
-    return build
-
-
-UViT_models = {f"U-ViT-{size}/{p}": _constructor(size, p) for size in SIZES for p in (2, 4)}
-for _name, _build in UViT_models.items():
-    BACKBONES.register(_name, _build)
+UViT_models = register_sizes(BACKBONES, "U-ViT", UViT, SIZES, (2, 4))
 
 
 # ------------------------------------------------------------------------------------------------------------------

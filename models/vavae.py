@@ -4,12 +4,13 @@ VA-VAE has the LDM AutoencoderKL architecture. The released checkpoint is an LDM
 `torch.save({'state_dict': ...})`; this module maps its keys to diffusers names so that the
 encoder/decoder run as a plain `diffusers.AutoencoderKL`.
 """
-import pickle
 import re
 from pathlib import Path
 
 import torch
 import yaml
+
+from omegadit.files import load_safetensors, load_torch
 
 VAVAE_HUB_REPO = "hustvl/vavae-imagenet256-f16d32-dinov2"
 VAVAE_CKPT_NAME = "vavae-imagenet256-f16d32-dinov2.pt"
@@ -135,18 +136,13 @@ def convert_ldm_state_dict(state_dict: dict, num_levels: int) -> dict:
 
 
 def load_ldm_checkpoint(path) -> dict:
-    """State dict of an LDM checkpoint ({'state_dict': ...} or a bare state dict, .pt or .safetensors)."""
+    """State dict of an LDM checkpoint ({'state_dict': ...} or a bare state dict, .pt or .safetensors).
+
+    A .pt file is read with omegadit.files.load_torch, which refuses pickles that would run code."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise RuntimeError(
-            f"{path} holds pickled Python objects beyond tensors and cannot be loaded safely "
-            f"(torch.load(weights_only=True) refused it: {str(e).splitlines()[0]}). Re-save only its tensors, e.g. "
-            f"in a trusted session: torch.save({{'state_dict': ckpt['state_dict']}}, 'clean.pt')") from e
+        return load_safetensors(path)
+    ckpt = load_torch(path)
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         ckpt = ckpt["state_dict"]
     if not isinstance(ckpt, dict) or not any(k.startswith("encoder.") for k in ckpt):

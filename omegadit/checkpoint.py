@@ -21,12 +21,14 @@ from typing import NamedTuple, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from models import rebuild_backbone
-from omegadit.conditioners import DEFAULT_TEXT_ENCODER, build_conditioner
+from omegadit.conditioners import DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, build_conditioner
+from omegadit.files import load_safetensors
 from omegadit.objectives import build_objective
-from omegadit.weights_io import load_state_dict_checked, read_weights_file
+from omegadit.objectives.flow import DEFAULT_SHIFT_BASE
+from omegadit.weights_io import load_state_dict_checked, read_weights_entry
 
 FORMAT = 1
 META_KEY = "omegadit"
@@ -58,13 +60,7 @@ def save_weights(path, state_dict: dict, description: dict):
 
 def load_weights(path) -> dict:
     """The tensors of a safetensors file; a missing or damaged file is named in the error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    return load_safetensors(path)
 
 
 def read_metadata(path) -> dict:
@@ -90,14 +86,15 @@ def read_description(path) -> Optional[dict]:
 
 class Loaded(NamedTuple):
     """A checkpoint ready for sampling: the network in eval mode, its objective and conditioner, the autoencoder
-    spec, the latent statistics ((mean, std) tensors of shape (C, 1, 1), or None when unknown) and the
-    description."""
+    spec, the latent statistics ((mean, std) tensors of shape (C, 1, 1), or None when unknown), the description,
+    and which weights were loaded: 'ema', 'model' (the raw weights) or None when the file does not say."""
     model: torch.nn.Module
     objective: object
     conditioner: object
     autoencoder: str
     latent_stats: Optional[tuple]
     description: dict
+    weights: Optional[str] = None
 
 
 def build(description: dict, state_dict: dict, source) -> Loaded:
@@ -114,10 +111,13 @@ def build(description: dict, state_dict: dict, source) -> Loaded:
 
 
 def weights_file(path, use_ema: bool = True) -> Path:
-    """The weights file of a checkpoint directory (ema.safetensors or model.safetensors) or the file itself."""
+    """The weights file of a checkpoint directory (ema.safetensors or model.safetensors; model.safetensors when a
+    run that kept no EMA wrote it) or the file itself."""
     path = Path(path)
     if path.is_dir():
         weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
+        if use_ema and not weights.exists() and (path / "model.safetensors").exists():
+            weights = path / "model.safetensors"
         if not weights.exists():
             raise FileNotFoundError(f"{path} is not a train.py checkpoint directory: {weights.name} is missing")
         return weights
@@ -137,12 +137,13 @@ def load(path, use_ema: bool = True, source_format: Optional[str] = None) -> Loa
         metadata = read_metadata(weights)
         if META_KEY in metadata or "config" in metadata:
             description = read_description(weights) or _legacy_description(weights)
-            return build(description, load_weights(weights), weights)
+            kind = {"ema.safetensors": "ema", "model.safetensors": "model"}.get(weights.name)
+            return build(description, load_weights(weights), weights)._replace(weights=kind)
     from omegadit.importers import import_checkpoint
 
-    state_dict, args = read_weights_file(weights, use_ema)
+    state_dict, args, entry = read_weights_entry(weights, use_ema)
     description, converted = import_checkpoint(state_dict, args, source_format)
-    return build(description, converted, weights)
+    return build(description, converted, weights)._replace(weights=entry)
 
 
 def _read_args(weights: Path) -> dict:
@@ -173,14 +174,14 @@ def _legacy_description(weights: Path) -> dict:
 def sit_description(config: dict, args: dict) -> dict:
     text = config.get("text_dim") is not None
     conditioner = ({"name": "text", "config": {"text_encoder": args.get("clip_model_id") or DEFAULT_TEXT_ENCODER,
-                                               "text_len": config.get("text_len", 77)}}
+                                               "text_len": config.get("text_len", DEFAULT_TEXT_LEN)}}
                    if text else {"name": "class", "config": {"num_classes": config["num_classes"]}})
     description = {
         "format": FORMAT,
         "backbone": {"name": args.get("model", "SiT"), "architecture": "sit", "config": config},
         "objective": {"name": "flow", "config": {"path_type": args.get("path_type", "linear"),
                                                  "time_shifting": args.get("time_shifting", True),
-                                                 "shift_base": args.get("shift_base", 4096)}},
+                                                 "shift_base": args.get("shift_base", DEFAULT_SHIFT_BASE)}},
         "conditioner": conditioner,
         "autoencoder": args.get("tokenizer") or DEFAULT_AUTOENCODER,
         "sampling": {},

@@ -2,7 +2,8 @@
 backbone takes as `y`, and own the condition dropout that trains the null branch of classifier-free guidance.
 
 The null condition itself (a null caption embedding, a null class row) lives with the backbone's weights
-(`model.null_condition`); a conditioner decides which samples get it.
+(`model.null_condition`); a conditioner decides which samples get it. Unconditional models ('none') get a dummy
+label per sample, so that the training loop and the samplers treat every model alike.
 """
 import torch
 
@@ -94,6 +95,23 @@ class ClassConditioner(Conditioner):
 
     def __call__(self, conditions, device) -> torch.Tensor:
         return self.check(conditions).to(device=device, dtype=torch.long)
+
+
+@CONDITIONERS.register("none")
+class UnconditionalConditioner(Conditioner):
+    """No condition (backbones whose conditioning is 'none'): every sample gets the dummy label 0, which such a
+    backbone ignores or maps to its one null embedding; nothing is dropped."""
+
+    kind = "none"
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__(0.0)
+
+    def __call__(self, conditions, device) -> torch.Tensor:
+        return torch.zeros(len(conditions), dtype=torch.long, device=device)
+
+    def drop(self, y: torch.Tensor, null: torch.Tensor, generator=None) -> torch.Tensor:
+        return y
 
 
 def build_conditioner(name: str, **config):

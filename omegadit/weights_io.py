@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from omegadit.files import load_safetensors, load_torch
+
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -20,27 +22,26 @@ def strip_wrapper_prefixes(state_dict: dict, prefixes=WRAPPER_PREFIXES) -> dict:
 
 
 def load_torch_file(path):
-    """torch.load(path) with weights_only=True; a file that needs code to load is refused, naming the file."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # the unpickler raises UnpicklingError or RuntimeError depending on the cause
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            raise ValueError(f"refusing to load code from {path}: it is not a plain weights file "
-                             f"({str(err).splitlines()[0][:200]})") from None
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+    """A .pt/.pth through the weights-only unpickler (omegadit.files.load_torch), argparse.Namespace admitted."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return load_torch(path)
 
 
 def read_weights_file(path, use_ema: bool = True):
     """(state dict, training args as a dict) of a checkpoint file: a bare state dict, or a dict with 'ema' and/or
     'model' entries ('ema' preferred when use_ema) and optionally 'args'. In a .safetensors file the entries are
     key prefixes 'ema.' / 'model.'."""
+    return read_weights_entry(path, use_ema)[:2]
+
+
+def read_weights_entry(path, use_ema: bool = True):
+    """read_weights_file's (state dict, args), and the entry it took: 'ema', 'model', or None for a bare state
+    dict."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        tensors = load_file(str(path))
+        tensors = load_safetensors(path)
         checkpoint = {entry: {k[len(entry) + 1:]: v for k, v in tensors.items() if k.startswith(entry + ".")}
                       for entry in ("ema", "model")}
         checkpoint = {k: v for k, v in checkpoint.items() if v} or tensors
@@ -52,9 +53,9 @@ def read_weights_file(path, use_ema: bool = True):
     args = vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
     for key in ("ema", "model") if use_ema else ("model", "ema"):
         if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key], args
+            return checkpoint[key], args, key
     if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return checkpoint, args
+        return checkpoint, args, None
     raise ValueError(f"{path}: no 'model' or 'ema' entry and not a bare state dict; keys are {sorted(checkpoint)[:10]}")
 
 

@@ -6,6 +6,7 @@
     python preprocessing/dataset_tools.py encode-vavae --tokenizer pixel --gpus 0 \\
         --source DATA/images --dest DATA/vae-in
     python preprocessing/dataset_tools.py encode-text --data-dir DATA --text-encoder <hub id or path>
+    python preprocessing/dataset_tools.py check --data-dir DATA
 
 Every command keeps relative paths (<rel_dir>/<stem>.<ext>), writes each file atomically and skips
 outputs that already exist, so an interrupted run resumes where it stopped.
@@ -31,6 +32,12 @@ if str(REPO_ROOT) not in sys.path:
 from json_label_dataset import IMAGE_EXTENSIONS, list_files, read_labels, to_rgb  # noqa: E402
 from models.tokenizers import load_tokenizer  # noqa: E402
 from models.vavae import read_vavae_config, resolve_checkpoint  # noqa: E402
+from omegadit.files import parse_json, read_json  # noqa: E402
+from omegadit.conditioners import DEFAULT_TEXT_LEN  # noqa: E402
+from preprocessing.check import check_dataset  # noqa: E402
+
+
+ENCODING_RECORD = "encoding.json"
 
 
 class ImageSource:
@@ -73,13 +80,12 @@ class ImageSource:
             with zipfile.ZipFile(self.path) as z:
                 if "dataset.json" not in z.namelist():
                     return None
-                data = json.loads(z.read("dataset.json"))
+                data = parse_json(z.read("dataset.json"), f"{self.path}/dataset.json")
         else:
             meta = os.path.join(self.path, "dataset.json")
             if not os.path.isfile(meta):
                 return None
-            with open(meta, encoding="utf-8") as f:
-                data = json.load(f)
+            data = read_json(meta)
         return {name: label for name, label in data.get("labels") or []}
 
 
@@ -227,8 +233,10 @@ def _keep_list(batch):
     return batch
 
 
-def _encode_shard(rank, world, spec, ckpt_path, source, dest, names, batch_size, dtype, workers, device_type):
-    """Encode names[rank::world] on cuda:rank (or the CPU) and save <dest>/<output>.npy files."""
+def _encode_shard(rank, world, spec, ckpt_path, source, dest, names, batch_size, dtype, workers, device_type,
+                  posterior=None):
+    """Encode names[rank::world] on cuda:rank (or the CPU) and save <dest>/<output>.npy files; `posterior` is None
+    (no posterior), ('mean', seed) or ('sample', seed)."""
     device = torch.device(f"cuda:{rank}" if device_type == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -245,7 +253,12 @@ def _encode_shard(rank, world, spec, ckpt_path, source, dest, names, batch_size,
                 else:
                     groups.setdefault(tuple(image.shape), []).append((name, image))
             for items in groups.values():
-                latents = tokenizer.encode(torch.stack([image for _, image in items]).to(device, non_blocking=True))
+                images = torch.stack([image for _, image in items]).to(device, non_blocking=True)
+                if posterior is not None and posterior[0] == "sample":
+                    ids = [os.path.splitext(name)[0] for name, _ in items]
+                    latents = tokenizer.encode_sample(images, ids, posterior[1])
+                else:
+                    latents = tokenizer.encode(images)
                 latents = latents.cpu().numpy().astype(dtype)
                 for (name, _), latent in zip(items, latents):
                     save_npy(os.path.join(dest, os.path.splitext(name)[0] + ".npy"), latent)
@@ -256,22 +269,57 @@ def _encode_worker(rank, *args):
     _encode_shard(rank, *args)
 
 
-def run_shards(world, device_type, *args):
+def run_shards(world, device_type, *args, posterior=None):
     """Run _encode_shard for ranks 0..world-1: in this process when world == 1, else one spawned process each."""
     if world == 1:
-        _encode_shard(0, 1, *args, device_type)
+        _encode_shard(0, 1, *args, device_type, posterior)
     else:
-        torch.multiprocessing.spawn(_encode_worker, args=(world, *args, device_type), nprocs=world, join=True)
+        torch.multiprocessing.spawn(_encode_worker, args=(world, *args, device_type, posterior), nprocs=world,
+                                    join=True)
+
+
+def default_posterior(tokenizer: str):
+    """The posterior latent a tokenizer spec encodes to by default: 'sample' for VA-VAE (what the original
+    OmegaDiT stored), 'mean' for other VAEs, None for the pixel tokenizer (it has no posterior)."""
+    if tokenizer == "pixel" or tokenizer.startswith("pixel:"):
+        return None
+    return "sample" if tokenizer.startswith("vavae:") else "mean"
+
+
+def check_encoding_record(dest, record: dict, existing: int) -> None:
+    """<dest>/encoding.json records how its latents were encoded; a run that would take another posterior latent
+    (mean or sample, or another seed) into the same folder is refused, so that one folder never mixes the two. A
+    folder that already holds `existing` latents but no record gets none (how they were made is unknown), and a
+    note."""
+    path = Path(dest) / ENCODING_RECORD
+    if path.is_file():
+        held = json.loads(path.read_text())
+        keys = ("posterior", "posterior_seed")
+        if [held.get(k) for k in keys] != [record.get(k) for k in keys]:
+            raise ValueError(f"{dest} holds latents encoded with {held}; this run would encode with {record}: "
+                             f"use another --dest or the same settings")
+    elif existing:
+        print(f"encode: {dest} already holds {existing} latents but no {ENCODING_RECORD}; make sure they were encoded "
+              f"with {record} (VA-VAE latents were posterior means before --posterior existed)")
+    else:
+        os.makedirs(dest, exist_ok=True)
+        atomic_write(path, lambda f: f.write(json.dumps(record, indent=2).encode()))
 
 
 def encode(source, dest, tokenizer: str, ckpt_path=None, gpus: int = 0, batch_size: int = 100, max_images=None,
-           dtype: str = "float32", workers: int = 0) -> dict:
+           dtype: str = "float32", workers: int = 0, posterior=None, posterior_seed: int = 0) -> dict:
     """Encode the images of a folder or zip to raw latents <dest>/<rel_dir>/<stem>.npy (C, h, w).
 
     gpus=0 runs on the CPU in this process; gpus=N>=1 uses cuda:0..N-1, one process each, images split
     round-robin. Existing outputs are skipped. A source dataset.json is carried over with latent names.
-    Returns counts and the names that could not be encoded.
+    `posterior`: 'sample' (a sample of the posterior, its noise seeded by posterior_seed and the image's id),
+    'mean', or None for the tokenizer's default (default_posterior). Returns counts and the names that could not be
+    encoded.
     """
+    default = default_posterior(tokenizer)
+    posterior = posterior or default
+    if default is None and posterior is not None:
+        raise ValueError(f"--posterior {posterior}: the '{tokenizer}' tokenizer has no posterior")
     if tokenizer.startswith("vavae:"):  # fail before starting processes when the checkpoint is missing
         config = tokenizer[len("vavae:"):]
         resolve_checkpoint(ckpt_path or read_vavae_config(config).get("ckpt_path"), config)
@@ -283,11 +331,17 @@ def encode(source, dest, tokenizer: str, ckpt_path=None, gpus: int = 0, batch_si
         raise RuntimeError(f"--gpus {gpus} but {torch.cuda.device_count()} CUDA devices are visible "
                            f"(use --gpus 0 to encode on the CPU)")
     where = f"{gpus} GPU(s)" if gpus > 0 else "the CPU"
+    record = {"tokenizer": tokenizer, "posterior": posterior}
+    if posterior == "sample":
+        record["posterior_seed"] = posterior_seed
+    check_encoding_record(dest, record, len(names) - len(todo))
+    latent = {None: "", "mean": ", posterior mean", "sample": f", posterior sample (seed {posterior_seed})"}
     print(f"encode: {len(names)} images in {source}, {len(names) - len(todo)} already in {dest}, "
-          f"encoding {len(todo)} with '{tokenizer}' on {where}")
+          f"encoding {len(todo)} with '{tokenizer}'{latent[posterior]} on {where}")
     if todo:
         run_shards(max(gpus, 1), "cuda" if gpus > 0 else "cpu", tokenizer, ckpt_path, src, str(dest), todo,
-                   batch_size, np.dtype(dtype), workers)
+                   batch_size, np.dtype(dtype), workers,
+                   posterior=None if posterior is None else (posterior, posterior_seed))
     missing = [n for n in todo if not os.path.isfile(os.path.join(dest, outputs[n]))]
     failed = set(missing)
     if missing:
@@ -311,7 +365,7 @@ def _safe_id(key: str) -> str:
 
 
 def encode_text(data_dir, text_encoder: str, label_file=None, dest=None, batch_size: int = 256, device=None,
-                caption_key: str = "en", text_len: int = 77) -> dict:
+                caption_key: str = "en", text_len: int = DEFAULT_TEXT_LEN) -> dict:
     """Cache caption embeddings (text_len, dim) float16 as <dest>/<id>.npy (dest defaults to data_dir/text-emb)."""
     label_file = label_file or os.path.join(data_dir, "labels.json")
     dest = dest or os.path.join(data_dir, "text-emb")
@@ -371,6 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="dtype of the saved latents")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="image-decoding DataLoader workers per process")
+    p.add_argument("--posterior", choices=["sample", "mean"], default=None,
+                   help="store a sample of the VAE posterior (default for VA-VAE, as the original did) or its mean "
+                        "(default for other VAEs); the pixel tokenizer has none")
+    p.add_argument("--posterior-seed", type=int, default=0,
+                   help="seed of the posterior samples; each image's noise comes from it and the image's id")
 
     p = commands.add_parser("encode-text", help="cache caption embeddings of labels.json as DATA/text-emb/<id>.npy")
     p.add_argument("--data-dir", required=True, help="dataset root (holds labels.json)")
@@ -380,21 +439,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", help="torch device (default: cuda if available)")
     p.add_argument("--caption-key", default="en", help="caption field of labels.json entries")
-    p.add_argument("--text-len", type=int, default=77, help="caption tokens (train.py --text-len must match)")
+    p.add_argument("--text-len", type=int, default=DEFAULT_TEXT_LEN, help="caption tokens (train.py --text-len must match)")
+
+    p = commands.add_parser("check", help="load every file of a dataset and list each problem (exit code 1 if any)")
+    p.add_argument("--data-dir", required=True, help="dataset root (images/, vae-in/, labels.json, text-emb/)")
+    p.add_argument("--label-file", help="captions JSON (default: DATA/labels.json, else vae-in/dataset.json)")
+    p.add_argument("--caption-key", default="en", help="caption field of labels.json entries")
+    p.add_argument("--text-emb-dir", help="cached caption embeddings (default: DATA/text-emb, when it exists)")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run_command(args)
-    except FileNotFoundError as e:
+        return run_command(args)
+    except (FileNotFoundError, ValueError) as e:
         print(f"{args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
-def run_command(args) -> None:
+def report_check(data_dir, result) -> int:
+    """Print the problems of check_dataset's `result`, one line each, sorted by file; 1 if any, else 0."""
+    counts = ", ".join(f"{n} {kind}s" for kind, n in result["counts"].items())
+    print(f"check: {data_dir}: {result['items']} ids ({counts})")
+    for path, message in sorted(result["problems"], key=lambda p: str(p[0])):
+        print(f"{path}: {message}")
+    print(f"check: {len(result['problems']) or 'no'} problems found")
+    return 1 if result["problems"] else 0
+
+
+def run_command(args) -> int:
+    """Run one subcommand; returns the exit code."""
+    if args.command == "check":
+        return report_check(args.data_dir, check_dataset(args.data_dir, args.label_file, args.caption_key,
+                                                           args.text_emb_dir))
     if args.command == "convert":
         result = convert(args.source, args.dest, args.resolution, args.max_images, args.workers, args.dir_labels,
                          args.compress_level, args.overwrite)
@@ -405,13 +483,14 @@ def run_command(args) -> None:
             raise SystemExit("encode-vavae: give exactly one of --config (VA-VAE YAML) and --tokenizer")
         spec = args.tokenizer or f"vavae:{args.config}"
         result = encode(args.source, args.dest, spec, args.ckpt_path, args.gpus, args.batch_size, args.max_images,
-                        args.dtype, args.workers)
+                        args.dtype, args.workers, args.posterior, args.posterior_seed)
         print(f"encode: {result['encoded']} encoded, {result['skipped_existing']} already there, "
               f"{len(result['failed'])} failed")
     else:
         result = encode_text(args.data_dir, args.text_encoder, args.label_file, args.dest, args.batch_size,
                              args.device, args.caption_key, args.text_len)
         print(f"encode-text: {result['encoded']} encoded, {result['skipped_existing']} already there")
+    return 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,47 @@ def fixture_path(name: str) -> Path:
     return path
 
 
+def load_fixture_file(name: str, prefix: str = "model."):
+    """(metadata dict, the tensors under `prefix` with the prefix stripped (a model's state dict), every tensor)
+    of a safetensors fixture."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = fixture_path(name)
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["json"])
+    tensors = load_file(str(path))
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return meta, state, tensors
+
+
+def randomize(model, seed=0, std=0.2):
+    """Give every trainable weight a random value, so that zero-initialised layers cannot hide differences."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def count_checkpointed_blocks(monkeypatch) -> list:
+    """Patch the backbones' activation checkpointing to record each checkpointed call; returns the record."""
+    import models.backbone
+    from torch.utils.checkpoint import checkpoint
+
+    calls = []
+
+    def counting(function, *args, **kwargs):
+        calls.append(function)
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(models.backbone, "checkpoint", counting)
+    return calls
+
+
 def make_text_dataset(root, num=32, resolution=32, seed=0, holdout=()):
     """The demo shapes dataset at a tiny size, encoded with the weight-free pixel tokenizer, with latent statistics."""
     from demo.shapes import make_dataset
@@ -68,3 +109,17 @@ def add_shape_class_labels(root):
     labels = [[f"{e['id']}.npy", SHAPES.index(parse_caption(e["en"])["shape"])] for e in entries]
     (Path(root) / "vae-in" / "dataset.json").write_text(json.dumps({"labels": labels}))
     return Path(root)
+
+
+@pytest.fixture(scope="module")
+def clean_dataset(tmp_path_factory):
+    """A small valid dataset (tests/data_faults.py) to inject faults into copies of."""
+    from data_faults import make_clean_dataset
+    return make_clean_dataset(tmp_path_factory.mktemp("clean"))
+
+
+@pytest.fixture
+def data(tmp_path, clean_dataset):
+    """A fresh copy of clean_dataset for one test to damage."""
+    from data_faults import copy_dataset
+    return copy_dataset(clean_dataset, tmp_path / "data")

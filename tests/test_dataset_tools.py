@@ -158,7 +158,7 @@ def test_encode_vavae_config_then_training_dataset(tmp_path):
     names = make_images(data / "images", n=3)
     ckpt = str(fixture_path("vavae_checkpoint.pt"))
     assert main(["encode-vavae", "--config", str(config), "--ckpt-path", ckpt, "--source", str(data / "images"),
-                 "--dest", str(data / "vae-in"), "--gpus", "0", "--workers", "0"]) == 0
+                 "--dest", str(data / "vae-in"), "--gpus", "0", "--workers", "0", "--posterior", "mean"]) == 0
     (data / "labels.json").write_text(json.dumps([{"id": n[:-4], "en": f"text {n}"} for n in names]))
     ds = JsonLabelDataset(data)
     tok = load_tokenizer(f"vavae:{config}", ckpt_path=ckpt)

@@ -1,15 +1,13 @@
 """DiT (Peebles & Xie 2023) as a peer system: the backbone, its checkpoint import, the Gaussian diffusion objective
 and the DDPM/DDIM samplers, checked against facebookresearch/DiT outputs (peers/dit.safetensors) and closed forms."""
 import argparse
-import json
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import models.backbone
-from conftest import fixture_path
+from conftest import load_fixture_file
 from loss import TrainingLoss
 from models import BACKBONES, build_backbone, rebuild_backbone
 from models.dit import (DiT, convert_dit_state_dict, dit_from_state_dict, dit_latent_stats, dit_model_name,
@@ -21,15 +19,6 @@ from omegadit.sampling.guidance import GuidedNetwork
 
 TOLERANCE = 1e-5
 PAPER_PARAMETERS_M = {"S": 33, "B": 130, "L": 458, "XL": 675}  # DiT paper, Table 1 (patch size 2)
-
-
-def load_fixture():
-    path = fixture_path("peers/dit.safetensors")
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["json"])
-    tensors = load_file(str(path))
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    return meta, state, tensors
 
 
 def fixture_config(meta):
@@ -48,7 +37,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def reference():
-    meta, state, tensors = load_fixture()
+    meta, state, tensors = load_fixture_file("peers/dit.safetensors")
     return meta, dit_from_state_dict(state, fixture_config(meta)), tensors
 
 
@@ -61,7 +50,7 @@ def max_error(a, b):
 # ------------------------------------------------------------------------------------------------------------------
 
 def test_config_is_read_off_the_fixture_state_dict():
-    meta, state, _ = load_fixture()
+    meta, state, _ = load_fixture_file("peers/dit.safetensors")
     assert infer_dit_config(state, num_heads=meta["config"]["num_heads"]) == fixture_config(meta)
     assert torch.allclose(DiT(**fixture_config(meta)).pos_embed, state["pos_embed"], atol=1e-6)
 
@@ -193,7 +182,7 @@ def forward(model, t):
 
 
 def test_checkpoint_round_trip_bare_and_train_py_layouts(tmp_path):
-    meta, state, t = load_fixture()
+    meta, state, t = load_fixture_file("peers/dit.safetensors")
     heads = meta["config"]["num_heads"]
     torch.save(state, tmp_path / "bare.pt")
     args = argparse.Namespace(model="DiT-tiny", image_size=64, num_classes=10, global_seed=0)
@@ -211,7 +200,7 @@ def test_checkpoint_round_trip_bare_and_train_py_layouts(tmp_path):
 
 
 def test_checkpoint_of_another_size_or_layout_is_refused(tmp_path):
-    meta, state, _ = load_fixture()
+    meta, state, _ = load_fixture_file("peers/dit.safetensors")
     torch.save(state, tmp_path / "tiny.pt")
     with pytest.raises(ValueError, match="expected a DiT-XL/2"):
         read_dit_checkpoint(tmp_path / "tiny.pt", expected="DiT-XL/2", num_heads=4)

@@ -1,14 +1,12 @@
 """LightningDiT (models/lightningdit.py, omegadit/objectives/lightningdit.py) against hustvl/LightningDiT fixtures:
 forward, the guided Euler sample with timestep shift, its checkpoint layout, latent statistics and conventions."""
-import json
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import models.backbone
-from conftest import fixture_path
+from conftest import fixture_path, load_fixture_file, randomize
 from models import ARCHITECTURES, BACKBONES, rebuild_backbone
 from models.lightningdit import (SIZES, LightningDiT, LightningDiT_models, build_from_checkpoint, from_lightningdit,
                                  latent_normalisation, load_lightningdit_checkpoint)
@@ -18,15 +16,6 @@ from omegadit.objectives.flow import FlowMatching
 from omegadit.objectives.lightningdit import LightningDiTFlow, sampling_settings
 from omegadit.sampling import sample
 from omegadit.sampling.guidance import GuidedNetwork
-
-
-def load_fixture(name):
-    path = fixture_path(f"peers/{name}")
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["json"])
-    tensors = load_file(str(path))
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    return meta, state, tensors
 
 
 def fixture_model(state):
@@ -44,15 +33,6 @@ def tiny(**overrides):
     return model.eval()
 
 
-def randomize(model, seed=0):
-    """Random values for every trainable weight, so that zero-initialised layers hide nothing."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-
 def inputs(model, batch=3, seed=1):
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
@@ -68,7 +48,7 @@ def reference_layout(model):
 
 
 def test_forward_matches_fixture():
-    meta, state, t = load_fixture("lightningdit.safetensors")
+    meta, state, t = load_fixture_file("peers/lightningdit.safetensors")
     model = fixture_model(state)
     assert {k: model.config[k] for k in ("input_size", "patch_size", "in_channels", "hidden_size", "depth",
                                          "num_heads", "num_classes", "mlp_ratio")} == \
@@ -84,7 +64,7 @@ def test_forward_matches_fixture():
 
 
 def test_fixed_tables_match_fixture():
-    meta, state, _ = load_fixture("lightningdit.safetensors")
+    meta, state, _ = load_fixture_file("peers/lightningdit.safetensors")
     cfg = meta["config"]
     grid = cfg["input_size"] // cfg["patch_size"]
     cos, sin = rope_2d_tables(cfg["hidden_size"] // cfg["num_heads"], grid)
@@ -104,7 +84,7 @@ def fixture_sample(model, objective, t, meta, **overrides):
 
 
 def test_guided_euler_sample_matches_fixture():
-    meta, state, t = load_fixture("lightningdit_sample.safetensors")
+    meta, state, t = load_fixture_file("peers/lightningdit_sample.safetensors")
     model = fixture_model(state)
     half = t["y"].shape[0] // 2
     assert torch.equal(model.null_condition(half), t["y"][half:])
@@ -164,7 +144,7 @@ def test_backbone_interface():
 def test_checkpoint_round_trip_from_fixture(tmp_path):
     """The fixture's weights saved as LightningDiT's train.py does ({'model', 'ema'}) load and compute its output;
     'ema' is preferred, 'model' on request."""
-    _, state, t = load_fixture("lightningdit.safetensors")
+    _, state, t = load_fixture_file("peers/lightningdit.safetensors")
     broken = {k: torch.zeros_like(v) if k.startswith("blocks.") else v for k, v in state.items()}
     path = tmp_path / "0000100.pt"
     torch.save({"model": broken, "ema": state, "opt": {"lr": 1e-4}}, path)
@@ -177,7 +157,7 @@ def test_checkpoint_round_trip_from_fixture(tmp_path):
 
 def test_fixture_file_itself_loads_as_a_checkpoint():
     """A .safetensors file with 'model.'-prefixed keys (the fixture) is read like a {'model': ...} checkpoint."""
-    _, _, t = load_fixture("lightningdit.safetensors")
+    _, _, t = load_fixture_file("peers/lightningdit.safetensors")
     model = build_from_checkpoint(fixture_path("peers/lightningdit.safetensors"))
     with torch.no_grad():
         assert (model(t["x"], t["t"], t["y"])[0] - t["out"]).abs().max() < 1e-5
@@ -204,7 +184,7 @@ def test_checkpoint_round_trip_infers_config(tmp_path, options, suffix):
 
 
 def test_checkpoint_of_another_size_is_a_clear_error(tmp_path):
-    _, state, _ = load_fixture("lightningdit.safetensors")
+    _, state, _ = load_fixture_file("peers/lightningdit.safetensors")
     path = tmp_path / "small.pt"
     torch.save({"ema": state}, path)
     with pytest.raises(ValueError, match="depth: expected 28, found 2; hidden_size: expected 1152, found 64"):

@@ -186,11 +186,10 @@ def test_path_drop_flags_only_unconditional_half(name):
     model, noise, labels = gaussian_setup(n=16)
     SAMPLERS[name](model, noise, labels, num_steps=5, cfg_scale=2.0, guidance_high=0.5, y_null=torch.ones_like(labels),
                    path_drop=True)
-    expected = torch.cat([torch.zeros(16), torch.ones(16)]).bool()
     seen_guided = seen_plain = False
     for size, t, uncond in model.calls:
         if size == 32:
-            assert uncond.dtype == torch.bool and torch.equal(uncond, expected)
+            assert uncond == 16  # the unconditional half starts at sample 16
             seen_guided = True
         else:
             assert uncond is None

@@ -1,13 +1,8 @@
-import json
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-from torch.utils.checkpoint import checkpoint
 
-import models.backbone
-from conftest import fixture_path
+from conftest import count_checkpointed_blocks, load_fixture_file, randomize
 from models.pos_embed import rope_2d_tables, sincos_2d
 from models.sit import SiT, SiT_models, from_reference
 
@@ -19,15 +14,6 @@ def tiny_text_sit(**overrides):
     model = SiT(**kwargs)
     randomize(model)
     return model
-
-
-def randomize(model, seed=0):
-    """Give every weight a random value so zero-initialised layers cannot hide differences."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def inputs(model, batch=3, seed=1):
@@ -42,17 +28,8 @@ def inputs(model, batch=3, seed=1):
     return x, t, y
 
 
-def load_reference_fixture():
-    path = fixture_path("omegadit_sit.safetensors")
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["json"])
-    tensors = load_file(str(path))
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    return meta, state, tensors
-
-
 def test_reference_checkpoint_parity():
-    meta, state, t = load_reference_fixture()
+    meta, state, t = load_fixture_file("omegadit_sit.safetensors")
     model = from_reference(state, **meta["config"])
     assert not model.training
     with torch.no_grad():
@@ -66,7 +43,7 @@ def test_reference_checkpoint_parity():
 
 
 def test_fixed_position_tables_match_reference():
-    meta, state, _ = load_reference_fixture()
+    meta, state, _ = load_fixture_file("omegadit_sit.safetensors")
     grid = meta["config"]["input_size"] // meta["config"]["patch_size"]
     head_dim = meta["config"]["hidden_size"] // meta["config"]["num_heads"]
     cos, sin = rope_2d_tables(head_dim, grid)
@@ -200,13 +177,7 @@ def test_sparse_path_gradients_reach_all_parameters():
 
 
 def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
-    checkpointed = []
-
-    def counting_checkpoint(function, *args, **kwargs):
-        checkpointed.append(function)
-        return checkpoint(function, *args, **kwargs)
-
-    monkeypatch.setattr(models.backbone, "checkpoint", counting_checkpoint)
+    checkpointed = count_checkpointed_blocks(monkeypatch)
     grads = []
     for flag in (False, True):
         model = tiny_text_sit(path_drop_prob=0.0).train()

@@ -15,7 +15,8 @@ import train
 from conftest import REPO_ROOT
 from loss import SILoss, TrainingLoss
 from models.sit import SiT
-from test_sit import randomize, to_reference_layout
+from conftest import randomize
+from test_sit import to_reference_layout
 
 
 def train_argv(data_dir, out_dir, minilm, *extra):
@@ -53,7 +54,7 @@ def test_tiny_training_writes_checkpoints_logs_and_samples(text_dataset, minilm,
     config = description["backbone"]["config"]
     assert config["text_len"] == 16 and config["text_dim"] == 384
     assert description["conditioner"] == {"name": "text", "config": {"dropout": 0.3, "text_encoder": minilm,
-                                                                     "text_len": 16}}
+                                                                     "text_len": 16, "clip_output": "penultimate"}}
     assert description["objective"]["name"] == "flow" and description["objective"]["config"]["time_shifting"]
     assert description["autoencoder"] == "pixel" and len(description["latent_stats"]["mean"]) == 48
 

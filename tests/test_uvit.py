@@ -1,17 +1,13 @@
 """U-ViT (models/uvit.py), its objective (omegadit/objectives/uvit.py) and DPM-Solver (omegadit/sampling/dpm_solver.py):
 parity with baofff/U-ViT fixtures, sizes, checkpoints, and DPM-Solver on Gaussian data whose exact noise prediction
 and probability-flow map are known in closed form."""
-import json
 import math
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from torch.utils.checkpoint import checkpoint
+from safetensors.torch import save_file
 
-import models.backbone
-from conftest import fixture_path
+from conftest import count_checkpointed_blocks, load_fixture_file
 from models import BACKBONES, rebuild_backbone
 from models.uvit import (UViT, UViT_models, convert_uvit_state_dict, load_uvit_checkpoint,
                          uvit_config_from_state_dict)
@@ -22,15 +18,6 @@ from omegadit.sampling.guidance import GuidedNetwork
 from omegadit.weights_io import load_state_dict_checked
 
 FIXTURE_HEADS = 4  # head counts are not in the weights; the fixtures' configs name them
-
-
-def load_fixture(name):
-    path = fixture_path(f"peers/{name}.safetensors")
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["json"])
-    tensors = load_file(str(path))
-    state = {k: v for k, v in tensors.items() if k.startswith("model.")}
-    return meta, state, tensors
 
 
 def fixture_model(state, text_len=77, null_context=None):
@@ -74,7 +61,7 @@ def tiny_inputs(model, batch=3, seed=1):
 # ----------------------------------------------------------------------------------------------------------------
 
 def test_class_conditional_forward_matches_reference():
-    meta, state, t = load_fixture("uvit")
+    meta, state, t = load_fixture_file("peers/uvit.safetensors")
     model = fixture_model(state)
     cfg = model.config
     ref = meta["config"]
@@ -91,7 +78,7 @@ def test_class_conditional_forward_matches_reference():
 def test_long_skips_and_token_order_matter():
     """The parity above is not an accident of the layout: dropping the long skips or swapping the label and time
     tokens changes the output by over 100 times the tolerance."""
-    _, state, t = load_fixture("uvit")
+    _, state, t = load_fixture_file("peers/uvit.safetensors")
     model = fixture_model(state)
     with torch.no_grad():
         for block in model.out_blocks:
@@ -105,7 +92,7 @@ def test_long_skips_and_token_order_matter():
 
 
 def test_text_to_image_forward_matches_reference():
-    meta, state, t = load_fixture("uvit_t2i")
+    meta, state, t = load_fixture_file("peers/uvit_t2i.safetensors")
     model = fixture_model(state, text_len=meta["config"]["num_clip_token"], null_context=t["empty_context"])
     assert model.conditioning == "text" and model.config["text_dim"] == meta["config"]["clip_dim"]
     with torch.no_grad():
@@ -117,7 +104,7 @@ def test_text_to_image_forward_matches_reference():
 def test_dpm_solver_sample_matches_reference():
     """U-ViT's sample_t2i_discrete.py: DPM-Solver 'fast' (predict_x0, order 3, time-uniform) with its guidance
     cond + s (cond - uncond), which is our uncond + w (cond - uncond) with w = s + 1."""
-    meta, state, t = load_fixture("uvit_t2i")
+    meta, state, t = load_fixture_file("peers/uvit_t2i.safetensors")
     model = fixture_model(state, text_len=meta["config"]["num_clip_token"], null_context=t["empty_context"])
     objective = build_objective(model.default_objective)
     network = GuidedNetwork(model, objective, t["context"][:2], scale=meta["cfg_scale"] + 1)
@@ -187,13 +174,7 @@ def test_final_conv_and_time_mlp_options_change_the_output():
 
 
 def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
-    checkpointed = []
-
-    def counting_checkpoint(function, *args, **kwargs):
-        checkpointed.append(function)
-        return checkpoint(function, *args, **kwargs)
-
-    monkeypatch.setattr(models.backbone, "checkpoint", counting_checkpoint)
+    checkpointed = count_checkpointed_blocks(monkeypatch)
     model = tiny_uvit().train()
     x, t, y = tiny_inputs(model)
     grads = []
@@ -213,9 +194,9 @@ def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
 
 def test_released_checkpoint_layout_loads_from_a_bare_pth(tmp_path):
     """U-ViT releases bare nnet state dicts (.pth): the fixture's weights saved that way load, config inferred."""
-    meta, state, t = load_fixture("uvit_t2i")
+    meta, state, t = load_fixture_file("peers/uvit_t2i.safetensors")
     path = tmp_path / "nnet_ema.pth"
-    torch.save({k[len("model."):]: v for k, v in state.items()}, path)
+    torch.save(dict(state), path)
     architecture, config, converted = load_uvit_checkpoint(path, num_heads=FIXTURE_HEADS,
                                                            text_len=meta["config"]["num_clip_token"],
                                                            null_context=t["empty_context"])

@@ -27,9 +27,10 @@ import torch
 from omegadit.objectives import OBJECTIVES
 from omegadit.objectives.base import Objective, ObjectiveOutput, mean_flat
 
-BETA_SCHEDULES = ("linear", "scaled_linear")
+BETA_SCHEDULES = ("linear", "scaled_linear", "ldm_linear")
 VARIANCES = ("learned_range", "fixed_small", "fixed_large")
 SCALED_LINEAR_RANGE = (0.00085, 0.012)
+LDM_LINEAR_RANGE = (0.0015, 0.0195)
 DECODER_BIN = 1.0 / 255.0
 
 
@@ -38,12 +39,14 @@ def named_betas(name: str, num_timesteps: int) -> torch.Tensor:
 
     'linear' (DDPM/ADM/DiT): evenly spaced from 1e-4 to 0.02, both scaled by 1000 / T.
     'scaled_linear' (Stable Diffusion, U-ViT): the square of evenly spaced values from sqrt(0.00085) to sqrt(0.012).
+    'ldm_linear' (LDM's class-conditional ImageNet model, Rombach et al. 2022): the same form from sqrt(0.0015) to
+    sqrt(0.0195).
     """
     if name == "linear":
         scale = 1000.0 / num_timesteps
         return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
-    if name == "scaled_linear":
-        low, high = SCALED_LINEAR_RANGE
+    if name in ("scaled_linear", "ldm_linear"):
+        low, high = SCALED_LINEAR_RANGE if name == "scaled_linear" else LDM_LINEAR_RANGE
         return torch.linspace(low ** 0.5, high ** 0.5, num_timesteps, dtype=torch.float64) ** 2
     raise ValueError(f"unknown beta_schedule {name!r}, expected one of {BETA_SCHEDULES}")
 

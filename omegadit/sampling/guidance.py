@@ -3,7 +3,9 @@
 Guidance (Ho & Salimans 2022): out = out_u + w (out_c - out_u) on the raw network output, the conditional and
 unconditional halves in one batched call, only for t in the guidance interval [low, high] (objective time,
 1 = noise). `channels` limits guidance to the first channels (DiT and LightningDiT guide three; the rest comes
-from the conditional half). `path_drop` asks the backbone to drop its sparse path in the unconditional half (SiT).
+from the conditional half). `path_drop` asks the backbone to drop its sparse path in the unconditional half (SiT):
+the backbone is called with uncond=N, the number of conditional samples leading the batch, so that it can skip the
+sparse blocks for the rest.
 """
 import math
 
@@ -53,9 +55,7 @@ class GuidedNetwork:
         t_net = self.objective.network_time(torch.full((n,), t, device=x.device))
         if w == 1.0:
             return self.model(x, t_net, y=self.y)[0].float()
-        kwargs = {}
-        if self.path_drop:
-            kwargs["uncond"] = torch.cat([torch.zeros(n, device=x.device), torch.ones(n, device=x.device)]).bool()
+        kwargs = {"uncond": n} if self.path_drop else {}  # the samples from n on are the unconditional half
         out = self.model(torch.cat([x, x]), torch.cat([t_net, t_net]), y=torch.cat([self.y, self.y_null]), **kwargs)
         cond, uncond = out[0].float().chunk(2)
         guided = uncond + w * (cond - uncond)
