@@ -3,6 +3,8 @@
 # what is there is reused). A second run reinstalls only when a requirements file changed.
 PYTHON ?= python3
 VENV ?= .venv
+# Test processes (pytest-xdist): one per core by default; `make test TEST_WORKERS=0` runs in one process.
+TEST_WORKERS ?= auto
 ifdef VIRTUAL_ENV
 ENV_DIR := $(VIRTUAL_ENV)
 PY := python
@@ -27,4 +29,4 @@ demo: install
 	$(PY) -m demo.run --preset cpu
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests

@@ -12,7 +12,24 @@ if str(REPO_ROOT) not in sys.path:
 
 FIXTURES_DIR = Path(os.environ.get("OMEGADIT_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (`make test` runs one worker per core) each worker keeps to one thread.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(num_processes: int) -> list:
+    """The argv prefix of `accelerate launch` for CPU processes on a port of their own (tests run in parallel)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+            "--dynamo_backend", "no"]
 
 
 def fixture_path(name: str) -> Path:

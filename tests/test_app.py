@@ -2,12 +2,12 @@
 gradio is not installed: it is optional, `pip install gradio`)."""
 import os
 import re
-import socket
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import free_port
 from test_export_diffusers import exported, text_ckpt  # noqa: F401  (fixtures)
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -15,12 +15,6 @@ gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 import app  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gallery_files(gallery) -> list:

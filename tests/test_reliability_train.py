@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, accelerate_launch
 from loss import TrainingLoss
 from test_train import run_training, train_argv
 
@@ -114,8 +114,7 @@ def test_lock_is_released_when_the_run_fails(text_dataset, minilm, tmp_path, fre
 
 def test_two_processes_both_stop_when_the_folder_is_locked(text_dataset, minilm, tmp_path):
     lock = write_lock(tmp_path / "run", os.getpid())
-    argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py",
+    argv = [*accelerate_launch(2), "train.py",
             *train_argv(text_dataset, tmp_path, minilm, "--max-train-steps", "2", "--checkpointing-steps", "2")]
     result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

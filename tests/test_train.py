@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, accelerate_launch
 from loss import SILoss, TrainingLoss
 from models.sit import SiT
 from conftest import randomize
@@ -141,8 +141,7 @@ def test_interrupt_writes_a_checkpoint(text_dataset, minilm, tmp_path):
 
 def test_two_process_cpu_run(text_dataset, minilm, tmp_path):
     probe = tmp_path / "probe"
-    argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "tests/rank_probe.py", "train",
+    argv = [*accelerate_launch(2), "tests/rank_probe.py", "train",
             *train_argv(text_dataset, tmp_path, minilm, "--max-train-steps", "2", "--checkpointing-steps", "2")]
     result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PROBE_DIR": str(probe)})
