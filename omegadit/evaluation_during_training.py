@@ -1,10 +1,13 @@
-"""FID during training (`train.py --eval-every N`), and the reference statistics it compares against.
+"""FID and caption alignment during training (`train.py --eval-every N`), and the reference statistics of FID.
 
 Every N steps the main process samples `--eval-num-samples` images with the EMA weights (fixed noise and conditions,
 so that evaluations differ only by the weights), computes their FID Inception pool features
 (evaluations/inception.py) and their Frechet distance (evaluations/evaluator.py) to the reference statistics, and
-logs {"step", "fid", "fid_num_samples", "eval_seconds"} to metrics.jsonl and the trackers. Nothing runs between
-evaluations, and train.py leaves the evaluation's time out of its step timings.
+logs {"step", "fid", "fid_num_samples", "eval_seconds"} to metrics.jsonl and the trackers. With `--eval-alignment`
+(the demo's shapes data) it also scores the samples against their captions or class names with
+evaluations/alignment.py and logs `alignment_<attribute>` (all samples) and `alignment_{seen,held_out}_<attribute>`;
+FID is then optional. Nothing runs between evaluations, and train.py leaves the evaluation's time out of its step
+timings.
 
 A FID of a few hundred or thousand samples is biased upwards (and needs at least 2048 samples for a full-rank
 covariance; below that the evaluator regularises it): compare it between steps of a run, not with published
@@ -38,8 +41,8 @@ SEED_STRIDE = 1_000_003  # noise of sample i: seed * SEED_STRIDE + i, as generat
 
 def add_eval_flags(parser):
     """train.py's flags of this module."""
-    g = parser.add_argument_group("evaluation during training (FID)")
-    g.add_argument("--eval-every", type=int, default=0, help="compute FID every N steps (0: never)")
+    g = parser.add_argument_group("evaluation during training (FID, caption alignment)")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: never)")
     g.add_argument("--eval-ref", default=None,
                    help="reference statistics: .npz with mu/sigma (omegadit.evaluation_during_training prepare, or an "
                         "ADM reference batch), or a batch of images (.npz arr_0 or a folder)")
@@ -52,6 +55,12 @@ def add_eval_flags(parser):
                    help="prompts file for text models (default: the captions of the training data)")
     g.add_argument("--eval-inception-weights", default=None,
                    help="pt_inception-2015-12-05-6726825d.pth (default: the torch.hub cache; never downloaded)")
+    g.add_argument("--eval-alignment", action="store_true",
+                   help="also score the samples' caption alignment (the demo's shapes data; evaluations/alignment.py); "
+                        "held-out combinations come from the data's demo_meta.json")
+    g.add_argument("--eval-class-names", default=None,
+                   help="class models with --eval-alignment: line k names class k (default: the data's "
+                        "class_names.txt)")
     return g
 
 
@@ -136,23 +145,29 @@ def prepare(source, out, inception_weights=None, batch_size=64, num_images=None,
 # ------------------------------------------------------------------------------------------------------------------
 
 class TrainingEvaluator:
-    """FID of fixed-noise samples of a model against reference statistics (see the module docstring)."""
+    """FID against reference statistics and/or caption alignment of fixed-noise samples (see the module docstring).
+
+    reference and inception: None to skip FID. alignment: None, or (the caption of each condition, held-out
+    combinations) to score the samples with evaluations/alignment.py."""
 
     def __init__(self, objective, conditioner, decode, conditions, latent_shape, device, reference, inception,
                  num_samples=256, batch_size=32, num_steps=50, sampler=None, cfg_scale=1.0, seed=0,
-                 interval=(0.0, 1.0)):
+                 interval=(0.0, 1.0), alignment=None):
         from omegadit.sampling import check_sampler
 
-        if num_samples < 2:
+        if reference is not None and num_samples < 2:
             raise ValueError(f"FID needs at least 2 samples, got --eval-num-samples {num_samples}")
+        if reference is None and alignment is None:
+            raise ValueError("nothing to evaluate: give FID reference statistics or alignment captions")
         self.objective = objective
         self.conditioner = conditioner
         self.decode = decode
         self.conditions = [conditions[i % len(conditions)] for i in range(num_samples)]
         self.latent_shape = tuple(latent_shape)
         self.device = torch.device(device)
-        self.mu, self.sigma = reference
+        self.reference = reference
         self.inception = inception
+        self.alignment = alignment
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.num_steps = num_steps
@@ -180,7 +195,28 @@ class TrainingEvaluator:
             images.append(self.decode(latents.float()).permute(0, 2, 3, 1).cpu())
         return torch.cat(images).numpy()
 
-    def fid(self, model, autocast=None) -> float:
+    def fid_of(self, images) -> float:
+        """Frechet distance of the images' Inception features to the reference statistics."""
+        features = np.concatenate([pool_features(self.inception, images[i:i + self.batch_size])
+                                   for i in range(0, len(images), self.batch_size)])
+        return frechet_distance(*compute_statistics(features), *self.reference)
+
+    def alignment_of(self, images) -> dict:
+        """{alignment_<attribute>, alignment_<group>_<attribute>: fraction right} of the images' captions."""
+        from evaluations.alignment import score
+
+        captions, holdout = self.alignment
+        prompts = [captions[i % len(captions)] for i in range(len(images))]  # sample i has condition i mod K
+        metrics = {}
+        for group, summary in score(images, prompts, holdout).items():
+            if not summary["n"]:
+                continue
+            prefix = "alignment_" if group == "all" else f"alignment_{group}_"
+            metrics.update({prefix + k: v for k, v in summary.items() if k != "n" and v is not None})
+        return metrics
+
+    def evaluate(self, model, autocast=None) -> dict:
+        """The metrics of `model`'s samples: fid (with a reference) and alignment_* (with captions)."""
         was_training = model.training
         model.eval()
         try:
@@ -188,41 +224,77 @@ class TrainingEvaluator:
         finally:
             model.train(was_training)
         self.last_images = images
-        features = np.concatenate([pool_features(self.inception, images[i:i + self.batch_size])
-                                   for i in range(0, len(images), self.batch_size)])
-        return frechet_distance(*compute_statistics(features), self.mu, self.sigma)
+        metrics = {}
+        if self.reference is not None:
+            metrics.update(fid=self.fid_of(images), fid_num_samples=self.num_samples)
+        if self.alignment is not None:
+            metrics.update(self.alignment_of(images))
+        return metrics
 
     def run(self, accelerator, model, step, exp_dir, log=print) -> float:
         """Evaluate on the main process (the others wait), log the record; returns the seconds it took."""
         started = time.perf_counter()
         if accelerator.is_main_process:
-            fid = self.fid(model, accelerator.autocast)
+            metrics = self.evaluate(model, accelerator.autocast)
             seconds = time.perf_counter() - started
-            record = {"step": step, "fid": fid, "fid_num_samples": self.num_samples, "eval_seconds": seconds}
+            record = {"step": step, **metrics, "eval_seconds": seconds}
             with open(Path(exp_dir) / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-            log(f"step {step}: FID {fid:.3f} on {self.num_samples} samples ({self.sampler_name}, "
+            parts = [f"FID {metrics['fid']:.3f}"] if "fid" in metrics else []
+            parts += [f"alignment {metrics['alignment_all_attributes']:.3f}"] if self.alignment is not None else []
+            parts += ([f"held out {metrics['alignment_held_out_all_attributes']:.3f}"]
+                      if "alignment_held_out_all_attributes" in metrics else [])
+            log(f"step {step}: {', '.join(parts)} on {self.num_samples} samples ({self.sampler_name}, "
                 f"{self.num_steps} steps) in {seconds:.1f}s")
         accelerator.wait_for_everyone()
         return time.perf_counter() - started
 
 
+def alignment_captions(args, conditioner, conditions) -> tuple:
+    """(caption of each condition, held-out combinations) for --eval-alignment: the prompts of a text model, the
+    class names of a class model (--eval-class-names, else the data's class_names.txt); the held-out combinations
+    of the data's demo_meta.json when it has one."""
+    from omegadit.prompts import read_prompts
+
+    data_dir = Path(args.data_dir)
+    if conditioner.kind == "text":
+        captions = list(conditions)
+    elif conditioner.kind == "class":
+        names = Path(args.eval_class_names) if args.eval_class_names else data_dir / "class_names.txt"
+        if not names.is_file():
+            raise FileNotFoundError(f"--eval-alignment of a class model needs the class names: {names} does not exist "
+                                    f"(--eval-class-names FILE, line k naming class k)")
+        captions = read_prompts(names)
+        if len(captions) < conditioner.num_classes:
+            raise ValueError(f"{names} names {len(captions)} classes, the model has {conditioner.num_classes}")
+        captions = captions[:conditioner.num_classes]
+    else:
+        raise ValueError("--eval-alignment needs captions or class labels; this model is unconditional")
+    meta = data_dir / "demo_meta.json"
+    holdout = json.loads(meta.read_text()).get("holdout", []) if meta.is_file() else []
+    return captions, holdout
+
+
 def build_evaluator(args, dataset, conditioner, objective, latent_shape, device):
     """The evaluator for train.py's flags, or None without --eval-every; fails here (before the first step) on a
-    missing reference or missing Inception weights."""
+    missing reference, missing Inception weights or missing class names."""
     if not args.eval_every:
         return None
     if args.eval_every < 0:
         raise ValueError(f"--eval-every must be >= 0, got {args.eval_every}")
-    if not args.eval_ref:
+    alignment_only = getattr(args, "eval_alignment", False) and not args.eval_ref
+    if not args.eval_ref and not alignment_only:
         raise ValueError("--eval-every needs --eval-ref: reference statistics (python -m "
-                         "omegadit.evaluation_during_training prepare IMAGES OUT.npz) or an ADM reference batch")
+                         "omegadit.evaluation_during_training prepare IMAGES OUT.npz) or an ADM reference batch, "
+                         "or --eval-alignment alone (the demo's shapes data)")
     from models.tokenizers import LatentDecoder, load_tokenizer
     from omegadit.prompts import read_prompts
 
-    inception = load_inception(args.eval_inception_weights, device=device, download=False)
-    reference = reference_statistics(args.eval_ref, inception, args.eval_batch_size)
+    inception = reference = None
+    if not alignment_only:
+        inception = load_inception(args.eval_inception_weights, device=device, download=False)
+        reference = reference_statistics(args.eval_ref, inception, args.eval_batch_size)
     cfg = args.eval_cfg_scale if args.eval_cfg_scale is not None else args.cfg_scale
     if conditioner.kind == "text":
         if getattr(conditioner, "encoder", None) is None:
@@ -232,11 +304,14 @@ def build_evaluator(args, dataset, conditioner, objective, latent_shape, device)
         conditions = list(range(conditioner.num_classes))
     else:  # unconditional: one dummy condition, nothing to guide
         conditions, cfg = [0], 1.0
+    alignment = (alignment_captions(args, conditioner, conditions) if getattr(args, "eval_alignment", False)
+                 else None)
     decode = LatentDecoder(load_tokenizer(args.tokenizer, device=device), dataset.latent_mean, dataset.latent_std)
     return TrainingEvaluator(objective, conditioner, decode, conditions, latent_shape, device, reference, inception,
                              num_samples=args.eval_num_samples, batch_size=args.eval_batch_size,
                              num_steps=args.eval_steps, sampler=args.eval_sampler, cfg_scale=cfg, seed=args.seed,
-                             interval=(getattr(args, "guidance_low", 0.0), getattr(args, "guidance_high", 1.0)))
+                             interval=(getattr(args, "guidance_low", 0.0), getattr(args, "guidance_high", 1.0)),
+                             alignment=alignment)
 
 
 def main(argv=None):

@@ -1,6 +1,7 @@
-"""FID during training (omegadit/evaluation_during_training.py, train.py --eval-every): the numbers are the
-evaluator's, the reference statistics are prepared from a folder, train.py logs FID to metrics.jsonl and the
-trackers at the chosen steps only and keeps evaluation time out of its step timings. Random Inception weights stand
+"""FID and caption alignment during training (omegadit/evaluation_during_training.py, train.py --eval-every): the
+numbers are the evaluator's and the alignment scorer's, the reference statistics are prepared from a folder, train.py
+logs them to metrics.jsonl and the trackers at the chosen steps only and keeps evaluation time out of its step
+timings. Random Inception weights stand
 in for the FID weights, which CI cannot download."""
 import json
 import shutil
@@ -76,7 +77,7 @@ def test_fid_is_the_evaluators_on_the_same_samples(reference, inception_weights,
         return frechet_distance(*args)
 
     monkeypatch.setattr(edt, "frechet_distance", recording)
-    fid = evaluator.fid(model)
+    fid = evaluator.evaluate(model)["fid"]
     samples = evaluator.last_images
     assert samples.shape == (6, 32, 32, 3) and samples.dtype == np.uint8
     # the evaluator's features of the same images, through evaluations/evaluator.py's own reading path
@@ -169,3 +170,61 @@ def test_evaluator_conditions_for_class_and_unconditional_models(reference, ince
     unconditional = edt.build_evaluator(args, dataset, UnconditionalConditioner(), FlowMatching(), (48, 8, 8), "cpu")
     assert unconditional.conditions == [0] * 5 and unconditional.cfg_scale == 1.0
     assert edt.build_evaluator(SimpleNamespace(eval_every=0), dataset, None, None, None, "cpu") is None
+
+
+def test_alignment_is_the_scorers_on_the_same_samples(text_dataset, minilm):
+    from evaluations.alignment import score
+    from json_label_dataset import load_latent_stats
+    from models.sit import SiT
+    from models.tokenizers import LatentDecoder, load_tokenizer
+    from omegadit.conditioners import TextConditioner
+    from omegadit.objectives.flow import FlowMatching
+    from test_export_diffusers import small_random
+
+    model = small_random(SiT(input_size=8, patch_size=4, in_channels=48, hidden_size=64, depth=4, num_heads=2,
+                             text_dim=384, text_len=16, z_dims=[]))
+    mean, std = load_latent_stats(text_dataset / "vae-in" / "latents_stats.pt")
+    captions = ["a red circle", "a large blue square at the top", "a green triangle"]
+    evaluator = edt.TrainingEvaluator(FlowMatching(time_shifting=True), TextConditioner(minilm, 16).load("cpu"),
+                                      LatentDecoder(load_tokenizer("pixel"), mean, std), captions, (48, 8, 8), "cpu",
+                                      None, None, num_samples=5, batch_size=4, num_steps=2,
+                                      alignment=(captions, ["red circle"]))
+    metrics = evaluator.evaluate(model)
+    expected = score(evaluator.last_images, [captions[i % 3] for i in range(5)], ["red circle"])
+    assert "fid" not in metrics
+    assert metrics["alignment_all_attributes"] == expected["all"]["all_attributes"]
+    assert metrics["alignment_held_out_colour"] == expected["held_out"]["colour"]
+    assert metrics["alignment_seen_position"] == expected["seen"]["position"]  # only the second caption names it
+    assert "alignment_size" in metrics and "alignment_held_out_size" not in metrics  # no held-out caption names a size
+
+
+def test_train_logs_alignment_without_a_fid_reference(text_dataset, minilm, tmp_path, fresh_accelerate_state):
+    import train
+
+    data = tmp_path / "data"
+    shutil.copytree(text_dataset, data)
+    meta = json.loads((data / "demo_meta.json").read_text())
+    (data / "demo_meta.json").write_text(json.dumps({**meta, "holdout": ["red circle"]}))
+    train.main(train.parse_args(train_argv(data, tmp_path, minilm, "--max-train-steps", "2", "--eval-every", "2",
+                                           "--eval-alignment", "--eval-num-samples", "4", "--eval-steps", "2")))
+    evals = [r for r in map(json.loads, (tmp_path / "fid" / "metrics.jsonl").read_text().splitlines())
+             if "eval_seconds" in r]
+    assert [r["step"] for r in evals] == [2] and "fid" not in evals[0]
+    assert 0 <= evals[0]["alignment_all_attributes"] <= 1 and "alignment_colour" in evals[0]
+    assert "step 2: alignment" in (tmp_path / "fid" / "log.txt").read_text()
+
+
+def test_alignment_of_a_class_model_needs_its_class_names(tmp_path):
+    from types import SimpleNamespace
+
+    from omegadit.conditioners import ClassConditioner
+
+    args = SimpleNamespace(data_dir=str(tmp_path), eval_class_names=None)
+    with pytest.raises(FileNotFoundError, match="class_names.txt"):
+        edt.alignment_captions(args, ClassConditioner(3), [0, 1, 2])
+    (tmp_path / "class_names.txt").write_text("red circle\nblue square\n")
+    with pytest.raises(ValueError, match="names 2 classes, the model has 3"):
+        edt.alignment_captions(args, ClassConditioner(3), [0, 1, 2])
+    (tmp_path / "class_names.txt").write_text("red circle\nblue square\ngreen triangle\nred square\n")
+    assert edt.alignment_captions(args, ClassConditioner(3), [0, 1, 2]) == (
+        ["red circle", "blue square", "green triangle"], [])
