@@ -175,3 +175,27 @@ def test_encode_wds_writes_shards_and_redoes_only_unfinished_tars(tmp_path, caps
     assert dataset_tools(argv) == 0
     assert "1 of 2 tars to encode" in capsys.readouterr().out
     assert len(ShardDataset(out)) == 6
+
+
+def test_cached_caption_embeddings_travel_in_the_shards(text_dataset, tmp_path):
+    from types import SimpleNamespace
+
+    import train
+
+    folder = JsonLabelDataset(text_dataset)
+    emb_dir = tmp_path / "text-emb"
+    rng = np.random.default_rng(0)
+    for key in folder.ids:
+        (emb_dir / key).parent.mkdir(parents=True, exist_ok=True)
+        np.save(emb_dir / f"{key}.npy", rng.standard_normal((6, 10)).astype(np.float16))
+    out = tmp_path / "shards"
+    pack(text_dataset, out, text_emb_dir=emb_dir, images=False)
+    dataset = ShardDataset(out, need_images=False, use_text_emb=None)
+    key = dataset.raw_item(3)["id"]
+    assert torch.equal(dataset[3][2], torch.from_numpy(np.load(emb_dir / f"{key}.npy")).float())
+    args = SimpleNamespace(use_json_dataset=True, text_encoder="unused", text_len=6, cfg_prob=0.1, sample_every=0,
+                           text_emb_dir=None, data_dir=str(out))
+    assert train.build_conditioner(args, dataset, "cpu")[1] == 10  # the text encoder is never loaded
+    args.text_len = 77
+    with pytest.raises(ValueError, match="6 tokens but --text-len is 77"):
+        train.build_conditioner(args, dataset, "cpu")
