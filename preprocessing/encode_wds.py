@@ -154,7 +154,7 @@ def encode_wds(source, out_dir, tokenizer: str, resolution: int, batch_size: int
     posterior = posterior or default
     if default is None and posterior is not None:
         raise ValueError(f"--posterior {posterior}: the '{tokenizer}' tokenizer has no posterior")
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
     tars = list_tars(source)
     stems = [t.stem for t in tars]
     if len(set(stems)) != len(stems):
