@@ -30,7 +30,7 @@ from omegadit.objectives import AUX_LOSSES, OBJECTIVES
 from omegadit.objectives.flow import DEFAULT_SHIFT_BASE
 from omegadit.options import accepted_options, explicit_options
 from omegadit.run_log import log_metrics, make_logger
-from omegadit.run_state import apply_optimizer_flags, load_checkpoint, plan_resume, save_checkpoint
+from omegadit.run_state import apply_optimizer_flags, load_checkpoint, load_data_state, plan_resume, save_checkpoint
 from utils import ResumableBatchSampler, ema_decay_at, lr_lambda, parse_with_config, update_ema, write_json
 
 BACKBONE_OPTIONS = ("qk_norm", "sprint_drop_ratio", "path_drop_prob", "projector_dim")
@@ -69,7 +69,11 @@ def build_parser():
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the backbone and frozen encoders (default: on with CUDA, off on CPU)")
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", required=True)
+    g.add_argument("--data-dir", required=True,
+                   help="dataset folder, or a shard dataset (a folder holding index.json, or an s3://, gs://, "
+                        "azure://, hf:// URL; preprocessing/dataset_tools.py pack or encode-wds writes them)")
+    g.add_argument("--data-shards", action="store_true",
+                   help="--data-dir is a shard dataset (needed only where it is not recognised by itself)")
     g.add_argument("--use-json-dataset", action="store_true", help="captions from labels.json (else class labels)")
     g.add_argument("--label-file", default=None, help="labels.json to use instead of <data-dir>/labels.json")
     g.add_argument("--text-emb-dir", default=None, help="cached caption embeddings (preprocessing encode-text)")
@@ -161,6 +165,19 @@ def check_args(parser, args):
 # ------------------------------------------------------------------------------------------------------------------
 
 def build_dataset(args):
+    from omegadit.shards import ShardDataset, is_shard_dataset
+    if args.data_shards or is_shard_dataset(args.data_dir):
+        if args.text_emb_dir is not None:
+            raise ValueError("--text-emb-dir: shards hold their own cached caption embeddings (pack --text-emb-dir "
+                             "or encode-wds --text-encoder writes them), used when they are there")
+        condition = "caption" if args.use_json_dataset else "label"
+        dataset = ShardDataset(args.data_dir, condition, need_images=args.enc_type != "none",
+                               use_text_emb=None if args.use_json_dataset else False)
+        classes = dataset.meta.get("num_classes", 0)
+        if not args.use_json_dataset and args.num_classes < classes:
+            raise ValueError(f"{args.data_dir} holds labels up to {classes - 1} but --num-classes is "
+                             f"{args.num_classes}")
+        return dataset
     if args.use_json_dataset:
         from json_label_dataset import JsonLabelDataset
         return JsonLabelDataset(args.data_dir, label_file=args.label_file, text_emb_dir=args.text_emb_dir)
@@ -181,13 +198,15 @@ def build_conditioner(args, dataset, device):
             return UnconditionalConditioner(), None
         return ClassConditioner(args.num_classes, dropout=args.cfg_prob), None
     conditioner = TextConditioner(args.text_encoder, args.text_len, dropout=args.cfg_prob)
-    if args.text_emb_dir is None or args.sample_every:
+    cached = getattr(dataset, "use_text_emb", args.text_emb_dir is not None)
+    if not cached or args.sample_every:
         conditioner.load(device)
-    if args.text_emb_dir is None:
+    if not cached:
         return conditioner, conditioner.dim
     tokens, dim = dataset[0][2].shape
     if tokens != args.text_len:
-        raise ValueError(f"cached caption embeddings in {args.text_emb_dir} have {tokens} tokens but --text-len is "
+        raise ValueError(f"cached caption embeddings in {args.text_emb_dir or args.data_dir} have {tokens} tokens "
+                         f"but --text-len is "
                          f"{args.text_len}: pass --text-len {tokens} or re-run encode-text with --text-len "
                          f"{args.text_len}")
     return conditioner, dim
@@ -373,13 +392,7 @@ def train(args, accelerator, exp_dir, lock):
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers(args.exp_name, config={k: v for k, v in vars(args).items() if v is not None})
 
-    batch_sampler = ResumableBatchSampler(len(dataset), args.batch_size // args.gradient_accumulation_steps,
-                                          accelerator.process_index, accelerator.num_processes, args.seed,
-                                          start_batch=step * args.gradient_accumulation_steps)
-    loader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.num_workers, collate_fn=collate,
-                        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
-                        generator=torch.Generator().manual_seed(args.seed))
-    batches = iter(loader)
+    batches, data_state = build_batches(args, dataset, accelerator, step, plan.path, log)
 
     def next_micro_batch():
         images, latents, conditions = next(batches)
@@ -434,7 +447,8 @@ def train(args, accelerator, exp_dir, lock):
             if evaluator is not None and step % args.eval_every == 0:  # FID; its time is not counted as step time
                 window_start += evaluator.run(accelerator, raw_model if ema is None else ema, step, exp_dir, log)
             if checkpoint_due:
-                last_saved = save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, description)
+                last_saved = save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, description,
+                                             data_state())
                 log(f"saved checkpoint {last_saved}")
     finally:
         signal.signal(signal.SIGINT, previous_handler)
@@ -443,11 +457,43 @@ def train(args, accelerator, exp_dir, lock):
         if any_true(accelerator, non_finite):
             log(f"interrupted after a non-finite loss; no checkpoint written; {last_good(last_saved)}")
             raise SystemExit(1)
-        path = save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, description)
+        path = save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, description, data_state())
         log(f"interrupted: saved checkpoint {path}; continue with --resume latest")
         raise SystemExit(130)
     accelerator.end_training()
     log(f"done at step {step}: {step - start_step} steps in {time.perf_counter() - started:.1f}s")
+
+
+def build_batches(args, dataset, accelerator, step, resume_path, log):
+    """(endless micro-batches of this process, a function giving the loader state to checkpoint). A folder
+    dataset's position is the step (ResumableBatchSampler; no state); a shard dataset's is LitData's loader state,
+    saved in each checkpoint and restored from `resume_path`."""
+    from omegadit.shards import ShardDataset
+
+    micro_batch = args.batch_size // args.gradient_accumulation_steps
+    pin_memory = accelerator.device.type == "cuda"
+    if not isinstance(dataset, ShardDataset):
+        batch_sampler = ResumableBatchSampler(len(dataset), micro_batch, accelerator.process_index,
+                                              accelerator.num_processes, args.seed,
+                                              start_batch=step * args.gradient_accumulation_steps)
+        loader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.num_workers, collate_fn=collate,
+                            pin_memory=pin_memory, persistent_workers=args.num_workers > 0,
+                            generator=torch.Generator().manual_seed(args.seed))
+        return iter(loader), lambda: None
+    if micro_batch % accelerator.num_processes:
+        raise ValueError(f"--batch-size {args.batch_size} (per micro-batch {micro_batch}) is not divisible by the "
+                         f"{accelerator.num_processes} processes")
+    loader = dataset.loader(micro_batch // accelerator.num_processes, args.num_workers, args.seed, collate,
+                            pin_memory)
+    if resume_path is not None:
+        state = load_data_state(resume_path, accelerator.process_index)
+        if state is None:
+            log(f"resume: WARNING: {resume_path} holds no data loader state of process {accelerator.process_index}: "
+                f"the shards start a new epoch, so the resume is not exact")
+        else:
+            for note in loader.load_state_dict(state):
+                log(f"resume: {note}")
+    return loader, loader.state_dict
 
 
 def forward_backward(accelerator, model, loss_fn, latents, y, targets, args, sync=True):

@@ -26,7 +26,8 @@ FROZEN_ON_RESUME = (
 )
 APPLIED_ON_RESUME = (
     "output_dir", "exp_name", "report_to", "log_every", "checkpointing_steps", "keep_last",
-    "gradient_checkpointing", "compile", "data_dir", "label_file", "text_emb_dir", "text_encoder", "tokenizer",
+    "gradient_checkpointing", "compile", "data_dir", "data_shards", "label_file", "text_emb_dir", "text_encoder",
+    "tokenizer",
     "num_workers", "enc_weights", "max_train_steps", "learning_rate", "lr_schedule", "lr_warmup_steps",
     "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "ema_decay",
     "mixed_precision", "allow_tf32", "sample_every", "sample_prompts", "num_samples", "sample_steps", "cfg_scale",
@@ -145,8 +146,9 @@ def rng_warnings(path: Path, num_processes: int) -> list:
             f"start, so the resume is not exact (it will not repeat an uninterrupted run)"]
 
 
-def save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, description):
-    """Write exps/<exp>/checkpoints/<step> atomically (no ema.safetensors when `ema` is None); returns its path."""
+def save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, description, data_state=None):
+    """Write exps/<exp>/checkpoints/<step> atomically (no ema.safetensors when `ema` is None); returns its path.
+    `data_state`: this process's data loader state (shard datasets), written as data_state_<rank>.json."""
     root = checkpoint_root(args)
     final = root / f"{step:07d}"
     tmp = root / f"{step:07d}.tmp"
@@ -155,6 +157,8 @@ def save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, d
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if data_state is not None:
+        write_json(tmp / f"data_state_{accelerator.process_index}.json", data_state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         raw = accelerator.unwrap_model(model)
@@ -194,6 +198,12 @@ def load_checkpoint(path, accelerator, model, ema, optimizer, scheduler) -> int:
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
     return state["step"]
+
+
+def load_data_state(path, rank: int):
+    """The data loader state process `rank` saved in checkpoint `path`, or None when there is none."""
+    state_file = Path(path) / f"data_state_{rank}.json"
+    return json.loads(state_file.read_text()) if state_file.is_file() else None
 
 
 def apply_optimizer_flags(optimizer, scheduler, args):

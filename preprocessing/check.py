@@ -105,3 +105,56 @@ def check_dataset(data_dir, label_file=None, caption_key: str = "en", text_emb_d
     ids = set().union(*(found for found, _ in sources.values()))
     counts = {kind: len(found) for kind, (found, _) in sources.items()}
     return {"problems": problems, "items": len(ids), "counts": counts}
+
+
+def _shard_item_problems(item: dict, meta: dict) -> list:
+    """What is wrong with one stored item of a shard dataset (messages)."""
+    import numpy as np
+
+    from omegadit.shards import decode_image
+
+    missing = [f for f in meta["fields"] if f not in item]
+    if missing:
+        return [f"no {', '.join(missing)} field"]
+    messages = []
+    for key in ("latent", "text_emb"):
+        if key in item:
+            array = np.asarray(item[key])
+            if list(array.shape) != meta[f"{key}_shape"]:
+                messages.append(f"{key} of shape {list(array.shape)}, the dataset's is {meta[f'{key}_shape']}")
+            elif not np.isfinite(array).all():
+                messages.append(f"{key} holds NaN or infinite values")
+    if "image" in item:
+        try:
+            size = decode_image(item["image"]).shape[-1]
+        except Exception as e:
+            messages.append(f"image does not decode: {e}")
+        else:
+            if size != meta.get("image_size"):
+                messages.append(f"image of {size} px, the dataset's are {meta.get('image_size')} px")
+    return messages
+
+
+def check_shards(source) -> dict:
+    """Read every item of a shard dataset (omegadit/shards.py): its description, chunk files, and each item's
+    fields, shapes, values and image. Returns what check_dataset returns."""
+    from omegadit.shards import chunk_problems, import_litdata, read_meta
+
+    try:
+        meta = read_meta(source)
+    except (FileNotFoundError, ValueError) as e:
+        return {"problems": [problem(source, e)], "items": 0, "counts": {}}
+    problems = chunk_problems(source)
+    if problems:
+        return {"problems": problems, "items": meta["num_items"], "counts": {}}
+    reader = import_litdata().StreamingDataset(str(source))
+    seen, count = set(), 0
+    for index in range(meta["num_items"]):
+        item = reader[index]
+        where = f"{source} item {index} ('{item.get('id')}')"
+        problems += [(where, message) for message in _shard_item_problems(item, meta)]
+        if item.get("id") in seen:
+            problems.append((where, "id stored twice"))
+        seen.add(item.get("id"))
+        count += 1
+    return {"problems": problems, "items": count, "counts": {field: count for field in meta["fields"]}}

@@ -7,6 +7,9 @@
         --source DATA/images --dest DATA/vae-in
     python preprocessing/dataset_tools.py encode-text --data-dir DATA --text-encoder <hub id or path>
     python preprocessing/dataset_tools.py check --data-dir DATA
+    python preprocessing/dataset_tools.py pack --data-dir DATA --dest SHARDS
+    accelerate launch preprocessing/dataset_tools.py encode-wds --source WDS_TARS --dest SHARDS \
+        --tokenizer vavae:tokenizer/configs/vavae_f16d32_vfdinov2.yaml --resolution 256
 
 Every command keeps relative paths (<rel_dir>/<stem>.<ext>), writes each file atomically and skips
 outputs that already exist, so an interrupted run resumes where it stopped.
@@ -441,6 +444,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-key", default="en", help="caption field of labels.json entries")
     p.add_argument("--text-len", type=int, default=DEFAULT_TEXT_LEN, help="caption tokens (train.py --text-len must match)")
 
+    p = commands.add_parser("pack", help="write a dataset folder as a shard dataset (LitData chunks) for streaming")
+    p.add_argument("--data-dir", required=True, help="dataset root (images/, vae-in/, labels.json or "
+                                                     "vae-in/dataset.json)")
+    p.add_argument("--dest", required=True, help="output folder of the shards")
+    p.add_argument("--label-file", help="captions JSON (default: DATA/labels.json; without one: class labels)")
+    p.add_argument("--text-emb-dir", help="cached caption embeddings (encode-text) to store in the shards")
+    p.add_argument("--no-images", dest="images", action="store_false",
+                   help="leave the images out (training then needs --enc-type none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the item order in the shards")
+    p.add_argument("--items-per-part", type=int, default=10000, help="items per part (the unit a rerun resumes)")
+    p.add_argument("--chunk-bytes", default="64MB", help="size of the LitData chunk files")
+
+    p = commands.add_parser("encode-wds", help="encode img2dataset webdataset tars into a shard dataset (run under "
+                                               "accelerate launch for all GPUs)")
+    p.add_argument("--source", required=True, help="folder of .tar files (NNN.jpg + NNN.txt / NNN.json per sample)")
+    p.add_argument("--dest", required=True, help="output folder of the shards")
+    p.add_argument("--tokenizer", required=True, help="'pixel:<patch>', 'vavae:<config.yaml>', or a diffusers "
+                                                      "AutoencoderKL hub id / local directory")
+    p.add_argument("--ckpt-path", help="VA-VAE checkpoint overriding the config's ckpt_path")
+    p.add_argument("--resolution", required=True, type=_resolution, help="images are center-cropped to this size")
+    p.add_argument("--batch-size", type=int, default=64, help="images per process per batch")
+    p.add_argument("--no-images", dest="images", action="store_false",
+                   help="leave the images out (training then needs --enc-type none)")
+    p.add_argument("--posterior", choices=["sample", "mean"], default=None, help="as for encode-vavae")
+    p.add_argument("--posterior-seed", type=int, default=0)
+    p.add_argument("--text-encoder", help="also cache caption embeddings of this text encoder in the shards")
+    p.add_argument("--text-len", type=int, default=DEFAULT_TEXT_LEN, help="caption tokens of the cached embeddings")
+    p.add_argument("--chunk-bytes", default="64MB", help="size of the LitData chunk files")
+
     p = commands.add_parser("check", help="load every file of a dataset and list each problem (exit code 1 if any)")
     p.add_argument("--data-dir", required=True, help="dataset root (images/, vae-in/, labels.json, text-emb/)")
     p.add_argument("--label-file", help="captions JSON (default: DATA/labels.json, else vae-in/dataset.json)")
@@ -471,8 +503,26 @@ def report_check(data_dir, result) -> int:
 def run_command(args) -> int:
     """Run one subcommand; returns the exit code."""
     if args.command == "check":
+        from omegadit.shards import is_shard_dataset
+        if is_shard_dataset(args.data_dir):
+            from preprocessing.check import check_shards
+            return report_check(args.data_dir, check_shards(args.data_dir))
         return report_check(args.data_dir, check_dataset(args.data_dir, args.label_file, args.caption_key,
                                                            args.text_emb_dir))
+    if args.command == "pack":
+        from preprocessing.pack import pack
+        meta = pack(args.data_dir, args.dest, args.label_file, args.text_emb_dir, args.images, args.seed,
+                    args.items_per_part, args.chunk_bytes)
+        print(f"pack: {meta['num_items']} items with {', '.join(meta['fields'])} in {args.dest}")
+        return 0
+    if args.command == "encode-wds":
+        from preprocessing.encode_wds import encode_wds
+        meta = encode_wds(args.source, args.dest, args.tokenizer, args.resolution, args.batch_size, args.images,
+                          args.posterior, args.posterior_seed, args.ckpt_path, args.text_encoder, args.text_len,
+                          args.chunk_bytes)
+        if meta is not None:
+            print(f"encode-wds: {meta['num_items']} items with {', '.join(meta['fields'])} in {args.dest}")
+        return 0
     if args.command == "convert":
         result = convert(args.source, args.dest, args.resolution, args.max_images, args.workers, args.dir_labels,
                          args.compress_level, args.overwrite)
