@@ -288,7 +288,6 @@ def build_control_model(args, latent_shape, resolution, device, resume_path):
     conditioner = base.conditioner
     if conditioner.kind == "text" and args.text_emb_dir is None:
         conditioner.load(device, args.text_encoder if "text_encoder" in args.explicit else None)
-    args.model = base.description["backbone"].get("name", base.model.architecture)
     return model, base.objective, conditioner, checkpoint.describe_control(base, args.init_from, model)
 
 
@@ -385,9 +384,11 @@ def train(args, accelerator, exp_dir, lock):
         model, objective, conditioner, description = build_control_model(args, latent_shape, resolution, device,
                                                                          plan.path)
         encoders = []
-        log(f"ControlNet branch ({model.architecture}, {model.config}) on the frozen {args.model} of "
+        model_name = description["backbone"].get("name", description["backbone"]["architecture"])
+        log(f"ControlNet branch ({model.architecture}, {model.config}) on the frozen {model_name} of "
             f"{args.init_from}; masks from {dataset.mask_dir}")
     else:
+        model_name = args.model
         conditioner, text_dim = build_conditioner(args, dataset, device)
         encoders = build_repa_encoders(args, resolution, device)
         model = build_backbone(args, latent_shape, text_dim, [e.z_dim for e in encoders])
@@ -409,7 +410,7 @@ def train(args, accelerator, exp_dir, lock):
     if args.enc_type == "none":
         log("REPA is off (--enc-type none): the projection loss is 0")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained); "
+    log(f"{model_name}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained); "
         f"objective {objective.name}; "
         f"data {args.data_dir}: {len(dataset):,} items, latents {latent_shape}, images {resolution}px")
 

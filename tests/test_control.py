@@ -134,12 +134,12 @@ def masked_run(tmp_path_factory):
                                       (torch.zeros(48, 1, 1), torch.ones(48, 1, 1)), {"num_steps": 2})
     base_file = root / "base.safetensors"
     checkpoint.save_weights(base_file, base.state_dict(), description)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    train.main(train.parse_args([
-        "--exp-name", "ctrl", "--output-dir", str(root / "exps"), "--data-dir", str(data), "--control",
-        "--init-from", str(base_file), "--enc-type", "none", "--batch-size", "4", "--num-workers", "0",
-        "--max-train-steps", "2", "--checkpointing-steps", "2", "--mixed-precision", "no", "--learning-rate", "1e-2",
-        "--log-every", "1"]))
+    argv = ["--exp-name", "ctrl", "--output-dir", str(root / "exps"), "--data-dir", str(data), "--control",
+            "--init-from", str(base_file), "--enc-type", "none", "--batch-size", "4", "--num-workers", "0",
+            "--checkpointing-steps", "2", "--mixed-precision", "no", "--learning-rate", "1e-2", "--log-every", "1"]
+    for steps, resume in (("2", []), ("3", ["--resume", "latest"])):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        train.main(train.parse_args([*argv, "--max-train-steps", steps, *resume]))
     AcceleratorState._reset_state(reset_partial_state=True)
     return root, data, base_file, root / "exps" / "ctrl" / "checkpoints" / "0000002"
 
@@ -160,6 +160,8 @@ def test_train_control_saves_only_the_branch_and_records_its_base(masked_run):
     assert loaded.model.architecture == "transformer-control"
     with pytest.raises(ValueError, match="ControlNet checkpoint"):
         checkpoint.load(ckpt)
+    resumed = load_file(str(ckpt.parent / "0000003" / "model.safetensors"))  # --resume latest went on from step 2
+    assert resumed.keys() == raw.keys() and any(not torch.equal(resumed[k], raw[k]) for k in raw)
 
 
 def test_missing_masks_stop_training_data_with_a_report(masked_run):
