@@ -1,7 +1,5 @@
 """ControlNet: mask pairing and checks, the control models (zero start, scale, frozen base), train.py --control,
 generate.py --controlnet, and the mask IoU scorer."""
-import json
-
 import numpy as np
 import pytest
 import torch
