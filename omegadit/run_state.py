@@ -22,7 +22,7 @@ FROZEN_ON_RESUME = (
     "model", "num_classes", "qk_norm", "sprint_drop_ratio", "path_drop_prob", "projector_dim",
     "use_json_dataset", "text_len", "batch_size", "gradient_accumulation_steps", "seed",
     "objective", "path_type", "weighting", "time_shifting", "shift_base", "cfg_prob", "enc_type", "proj_coeff",
-    "cfm_coeff", "cfm_weighting", "ema",
+    "cfm_coeff", "cfm_weighting", "ema", "control", "control_blocks", "mask_channels",
 )
 APPLIED_ON_RESUME = (
     "output_dir", "exp_name", "report_to", "log_every", "checkpointing_steps", "keep_last",
