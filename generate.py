@@ -369,7 +369,8 @@ def main(args):
         manifests.write(image_dir, manifest)
     state.wait_for_everyone()
     if state.is_main_process:
-        print(f"sampling {total} images with {'raw' if args.no_ema else 'EMA'} weights of {args.ckpt} "
+        control = f" with the ControlNet {args.controlnet} (scale {args.controlnet_scale})" if masks is not None else ""
+        print(f"sampling {total} images with {'raw' if args.no_ema else 'EMA'} weights of {args.ckpt}{control} "
               f"({sampler}, {args.num_steps} steps) on {state.num_processes} process(es) into {image_dir}")
     mine = [i for i in range(state.process_index, total, state.num_processes)
             if not (image_dir / f"{i:06d}.png").exists()]

@@ -215,3 +215,31 @@ def test_mask_iou_of_synthetic_shapes():
     assert mask_iou(images[0], shifted) < mask_iou(images[0], masks[0]) - 0.2
     scores = score_masks(images + images[::-1], masks)
     assert scores["n"] == 8 and scores["iou_mean"] < np.mean([mask_iou(i, m) for i, m in zip(images, masks)])
+
+
+def test_unet_ldm_controlnet_trains_and_samples(masked_run, tmp_path, fresh_accelerate_state):
+    _, data, _, _ = masked_run
+    base = randomize(BACKBONES.get("UNet-LDM-Tiny")(input_size=4, in_channels=48, num_classes=24), std=0.02)
+    objective = build_objective(base.default_objective, **base.objective_defaults)
+    description = checkpoint.describe("UNet-LDM-Tiny", base, objective, ClassConditioner(24), "pixel:4",
+                                      (torch.zeros(48, 1, 1), torch.ones(48, 1, 1)), base.sampling_defaults)
+    base_file = tmp_path / "unet.safetensors"
+    checkpoint.save_weights(base_file, base.state_dict(), description)
+    train.main(train.parse_args([
+        "--exp-name", "u", "--output-dir", str(tmp_path / "exps"), "--data-dir", str(data), "--control",
+        "--init-from", str(base_file), "--enc-type", "none", "--cfm-coeff", "0", "--batch-size", "4",
+        "--num-workers", "0", "--max-train-steps", "1", "--mixed-precision", "no"]))
+    ckpt = tmp_path / "exps" / "u" / "checkpoints" / "0000001"
+    assert checkpoint.read_description(ckpt / "ema.safetensors")["control"]["architecture"] == "unet-control"
+    fresh_accelerate_state_reset()
+    generate.main(generate.parse_args([
+        "--ckpt", str(base_file), "--controlnet", str(ckpt), "--mask", str(data / "control_eval" / "masks" /
+                                                                          "000000.png"),
+        "--num-fid-samples", "2", "--num-steps", "2", "--sample-dir", str(tmp_path / "s"), "--name", "u",
+        "--mixed-precision", "no"]))
+    assert len(list((tmp_path / "s" / "u_compare").glob("*.png"))) == 2
+
+
+def fresh_accelerate_state_reset():
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
