@@ -7,6 +7,11 @@ N x H x W x 3 uint8) and <sample-dir>/<name>_grid.png. Each image's noise comes 
 --global-seed and its global index, so the images do not depend on the number of processes.
 <sample-dir>/<name>/manifest.json records the weights, prompts and settings the images come from; a run into a
 folder whose images were made otherwise stops with the differences (omegadit/manifest.py).
+
+With a ControlNet (--controlnet, a checkpoint of train.py --control on the model of --ckpt) each image follows a
+mask (--mask, or --mask-folder: image i takes mask (i // --num-images-per-prompt) mod #masks, in name order, as it
+takes its prompt), and <sample-dir>/<name>_compare/NNNNNN.png shows mask | sample side by side, with
+<sample-dir>/<name>_compare_grid.png.
 """
 import argparse
 import math
@@ -22,6 +27,7 @@ from accelerate.utils import parse_flag_from_env
 from PIL import Image
 from tqdm.auto import tqdm
 
+from models.control import mask_input
 from omegadit import checkpoint, compat
 from omegadit import manifest as manifests
 from omegadit.importers import IMPORTERS
@@ -83,6 +89,13 @@ def parse_args(argv=None):
     g.add_argument("--text-encoder", "--clip-model-id", dest="text_encoder", default=None,
                    help="text encoder id or directory")
     g.add_argument("--grid-size", type=int, default=16, help="images in the grid PNG")
+    g = p.add_argument_group("control (a ControlNet of train.py --control)")
+    g.add_argument("--controlnet", default=None, help="ControlNet checkpoint trained on the model of --ckpt")
+    masks = g.add_mutually_exclusive_group()
+    masks.add_argument("--mask", default=None, help="one mask image for every sample")
+    masks.add_argument("--mask-folder", default=None, help="masks in name order (subfolders included)")
+    g.add_argument("--controlnet-scale", type=float, default=1.0,
+                   help="strength of the control: 0 ignores the mask, 1 as trained, above 1 follows it more strictly")
     compat.add_original_flags(p, "generate")
     compat.apply_recipe(p, argv, "generate")
     args = compat.resolve(p, parse_with_config(p, argv), "generate")
@@ -101,6 +114,12 @@ def check_args(parser, args):
         check_sampling(args)
     except ValueError as err:
         parser.error(str(err))
+    has_masks = args.mask is not None or args.mask_folder is not None
+    if has_masks != (args.controlnet is not None):
+        parser.error("--mask / --mask-folder and --controlnet go together: a ControlNet checkpoint and the masks it "
+                     "follows")
+    if not math.isfinite(args.controlnet_scale) or args.controlnet_scale < 0:
+        parser.error(f"--controlnet-scale must be a finite number >= 0, got {args.controlnet_scale}")
 
 
 def check_sampling(args):
@@ -157,8 +176,9 @@ def apply_overrides(loaded, args):
     return type(loaded.objective)(**config)
 
 
-def conditions_for(args, model):
-    """(list of per-index conditions: prompt strings or class ints, total count)."""
+def conditions_for(args, model, num_masks=0):
+    """(list of per-index conditions: prompt strings or class ints, total count). Class models sample 50000 images
+    unless --num-fid-samples says otherwise, or #masks x --num-images-per-prompt with masks."""
     if model.conditioning == "text":
         if args.prompt:
             prompts = [args.prompt]
@@ -171,7 +191,7 @@ def conditions_for(args, model):
         expanded = [p for p in prompts for _ in range(args.num_images_per_prompt)]
         total = args.num_fid_samples or len(expanded)
         return [expanded[i % len(expanded)] for i in range(total)], total
-    total = args.num_fid_samples or 50000
+    total = args.num_fid_samples or (num_masks * args.num_images_per_prompt if num_masks else 50000)
     if model.conditioning == "none":
         return [""] * total, total
     num_classes = model.config["num_classes"]
@@ -206,10 +226,16 @@ def latent_stats(args, loaded):
     return stats
 
 
-def sample_manifest(args, loaded, objective, sampler, conditions, stats, use_bf16) -> dict:
-    """Everything the images depend on (omegadit/manifest.py): weights, conditions, sampler and decoding."""
-    weights = checkpoint.weights_file(args.ckpt, use_ema=not args.no_ema)
-    return {
+def sample_manifest(args, loaded, objective, sampler, conditions, stats, use_bf16, masks=None) -> dict:
+    """Everything the images depend on (omegadit/manifest.py): weights, conditions, sampler and decoding, and a
+    ControlNet's weights, masks and scale."""
+    weights = checkpoint.weights_file(args.controlnet or args.ckpt, use_ema=not args.no_ema)
+    control = {} if masks is None else {
+        "base_checkpoint": str(Path(args.ckpt).resolve()),
+        "controlnet_scale": args.controlnet_scale,
+        "masks_sha256": manifests.digest([masks.shape, masks.flatten().tolist()]),
+    }
+    return {**control,
         "checkpoint": str(weights.resolve()),
         "weights_fingerprint": manifests.file_fingerprint(weights),
         "ema": not args.no_ema,
@@ -246,14 +272,64 @@ def warn_truncated(conditioner, conditions):
 # Sampling
 # ------------------------------------------------------------------------------------------------------------------
 
+def mask_files(args) -> list:
+    """The mask files of --mask or --mask-folder (in name order)."""
+    from json_label_dataset import IMAGE_EXTENSIONS, list_files
+
+    if args.mask is not None:
+        if not Path(args.mask).is_file():
+            raise FileNotFoundError(f"--mask {args.mask} does not exist")
+        return [Path(args.mask)]
+    files = [Path(args.mask_folder) / rel for rel in list_files(args.mask_folder, IMAGE_EXTENSIONS)]
+    if not files:
+        raise FileNotFoundError(f"--mask-folder {args.mask_folder} holds no images")
+    return files
+
+
+def read_masks(files, channels: int, size: int) -> torch.Tensor:
+    """uint8 (M, channels, size, size) masks; a mask of another size is an error naming it."""
+    from control_data import image_size, read_mask
+
+    wrong = [f"{path} ({'x'.join(map(str, image_size(path)))})" for path in files if image_size(path) != (size, size)]
+    if wrong:
+        raise ValueError(f"the ControlNet takes masks of the training images' size, {size}x{size}: "
+                         f"{len(wrong)} masks differ ({', '.join(wrong[:5])})")
+    return torch.stack([read_mask(path, channels) for path in files])
+
+
+def load_model(args):
+    """The checkpoint of --ckpt, or with --controlnet its control model around it (the base loaded with the
+    weights the branch was trained on; the branch's EMA unless --no-ema)."""
+    if args.controlnet is None:
+        return checkpoint.load(args.ckpt, use_ema=not args.no_ema, source_format=args.ckpt_format)
+    base_weights = checkpoint.control_base_weights(args.controlnet)
+    base = checkpoint.load(args.ckpt, use_ema=base_weights != "model", source_format=args.ckpt_format)
+    return checkpoint.load_control(args.controlnet, base, args.ckpt, use_ema=not args.no_ema)
+
+
+def write_comparisons(image_dir, masks, mask_of, total, compare_dir):
+    """compare_dir/NNNNNN.png: mask | sample side by side, for images 0..total-1; returns them as an array."""
+    compare_dir.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for i in range(total):
+        sample = np.asarray(Image.open(image_dir / f"{i:06d}.png").convert("RGB"))
+        mask = masks[mask_of(i)].permute(1, 2, 0).expand(-1, -1, 3).numpy()
+        pair = np.concatenate([mask, sample], axis=1)
+        write_png(pair, compare_dir / f"{i:06d}.png")
+        pairs.append(pair)
+    return np.stack(pairs)
+
+
 def main(args):
     check_writable(Path(args.sample_dir))
     # Without cpu=True, accelerate leaves CPU-only processes started by torchrun undistributed: each would sample all.
     state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = state.device
-    loaded = checkpoint.load(args.ckpt, use_ema=not args.no_ema, source_format=args.ckpt_format)
+    files = mask_files(args) if args.controlnet else []
+    loaded = load_model(args)
     if not args.no_ema and loaded.weights == "model":
-        compat.say(f"{args.ckpt} holds no EMA weights (trained without EMA): sampling its raw weights")
+        compat.say(f"{args.controlnet or args.ckpt} holds no EMA weights (trained without EMA): sampling its raw "
+                   f"weights")
         args.no_ema = True
     model = loaded.model.to(device)
     objective = apply_overrides(loaded, args)
@@ -262,24 +338,30 @@ def main(args):
     check_sampling(args)
     sampler = sampler_name(args, objective, defaults)
     sample_fn = check_sampler(sampler, objective)
-    conditions, total = conditions_for(args, model)
+    backbone = getattr(model, "base", model)  # a ControlNet takes its base model's conditions
+    conditions, total = conditions_for(args, backbone, len(files))
+    masks = None
+    if files:
+        config = loaded.description["control"]["config"]
+        masks = read_masks(files, config["mask_channels"], model.latent_shape[-1] * config["downsample"])
     stats = latent_stats(args, loaded)
     use_bf16 = args.mixed_precision == "bf16" or (
         args.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    manifest = sample_manifest(args, loaded, objective, sampler, conditions, stats, use_bf16)
+    manifest = sample_manifest(args, loaded, objective, sampler, conditions, stats, use_bf16, masks)
     name = args.name or output_name(args, sampler, manifest)
     image_dir = Path(args.sample_dir) / name
     manifests.check_folder(image_dir, manifest)
     decode = build_decoder(args, loaded, stats, device)
     compat.check_checkpoint(args, loaded, decode.tokenizer.downsample)
-    conditioner = build_conditioner(args, loaded, model, device)
+    conditioner = build_conditioner(args, loaded, backbone, device)
     if state.is_main_process:
         warn_truncated(conditioner, conditions)
     if args.compile if args.compile is not None else device.type == "cuda":
-        model.compile()
+        for region in model.compile_regions():
+            region.compile()
 
     state.wait_for_everyone()  # every process has checked the folder before its manifest is written
     if state.is_main_process:
@@ -287,10 +369,15 @@ def main(args):
         manifests.write(image_dir, manifest)
     state.wait_for_everyone()
     if state.is_main_process:
-        print(f"sampling {total} images with {'raw' if args.no_ema else 'EMA'} weights of {args.ckpt} "
+        control = f" with the ControlNet {args.controlnet} (scale {args.controlnet_scale})" if masks is not None else ""
+        print(f"sampling {total} images with {'raw' if args.no_ema else 'EMA'} weights of {args.ckpt}{control} "
               f"({sampler}, {args.num_steps} steps) on {state.num_processes} process(es) into {image_dir}")
     mine = [i for i in range(state.process_index, total, state.num_processes)
             if not (image_dir / f"{i:06d}.png").exists()]
+
+    def mask_of(i):
+        return (i // args.num_images_per_prompt) % len(files)
+
     progress = tqdm(total=len(mine) * state.num_processes, desc="sampling", unit="img",
                     disable=not state.is_main_process)
     started = time.perf_counter()
@@ -299,9 +386,12 @@ def main(args):
         generators = [torch.Generator(device).manual_seed(args.global_seed * 1_000_003 + i) for i in indices]
         noise = torch.stack([torch.randn(model.latent_shape, generator=g, device=device) for g in generators])
         y = conditioner([conditions[i] for i in indices], device)
+        control = {} if masks is None else {
+            "control": mask_input(masks[[mask_of(i) for i in indices]].to(device)),
+            "control_scale": args.controlnet_scale}
         network = GuidedNetwork(model, objective, y, scale=args.cfg_scale,
                                 interval=(args.guidance_low, args.guidance_high), path_drop=args.path_drop,
-                                channels=defaults.get("guidance_channels"))
+                                channels=defaults.get("guidance_channels"), model_kwargs=control)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             latents = sample_fn(objective, network, noise, args.num_steps, generator=generators)
         images = decode(latents.float()).permute(0, 2, 3, 1).cpu().numpy()
@@ -318,6 +408,12 @@ def main(args):
         grid_path = Path(args.sample_dir) / f"{name}_grid.png"
         image_grid(samples[:shown], [str(c) for c in conditions[:shown]]).save(grid_path)
         print(f"wrote {total} images to {image_dir}, {npz_path} and {grid_path}")
+        if masks is not None:
+            compare_dir = Path(args.sample_dir) / f"{name}_compare"
+            pairs = write_comparisons(image_dir, masks, mask_of, total, compare_dir)
+            compare_grid = Path(args.sample_dir) / f"{name}_compare_grid.png"
+            image_grid(pairs[:shown], [str(c) for c in conditions[:shown]]).save(compare_grid)
+            print(f"wrote mask | sample comparisons to {compare_dir} and {compare_grid}")
 
 
 def build_decoder(args, loaded, stats, device):

@@ -255,10 +255,12 @@ def cached_latent_stats(stats_file, latent_paths, max_samples: int = 10000, seed
 
 def collate(batch):
     """Batch of items: (images (N, 3, H, W) uint8, latents (N, C, h, w), captions as a list of str,
-    or stacked labels / text embeddings). default_collate works too but gives captions as a tuple."""
-    images, latents, conditions = zip(*batch)
+    or stacked labels / text embeddings), and the stacked masks of items that carry one (control_data.py).
+    default_collate works too but gives captions as a tuple."""
+    images, latents, conditions, *masks = zip(*batch)
     conditions = list(conditions) if isinstance(conditions[0], str) else default_collate(list(conditions))
-    return default_collate(list(images)), default_collate(list(latents)), conditions  # shared memory in workers
+    stacked = [default_collate(list(images)), default_collate(list(latents)), conditions]  # shared memory in workers
+    return tuple(stacked + [default_collate(list(m)) for m in masks])
 
 
 class PairedLatentDataset(Dataset):

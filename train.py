@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from json_label_dataset import collate
 from loss import TrainingLoss
 from models import BACKBONES
+from models.control import mask_input
 from omegadit import checkpoint, compat
 from omegadit.conditioners import (DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassConditioner, TextConditioner,
                                    UnconditionalConditioner)
@@ -124,6 +125,18 @@ def build_parser():
     g.add_argument("--cfg-scale", type=float, default=4.0)
     g.add_argument("--guidance-low", type=float, default=0.0, help="guidance interval of the sample grids")
     g.add_argument("--guidance-high", type=float, default=1.0)
+    g = p.add_argument_group("control (--control: a ControlNet on the trained model of --init-from)")
+    g.add_argument("--control", action="store_true",
+                   help="train a ControlNet branch on image/mask pairs; the --init-from model stays frozen and only "
+                        "the branch is saved (models/control.py)")
+    g.add_argument("--control-blocks", type=int, default=None,
+                   help="transformers: base blocks copied into the branch (default: half the depth; SiT: its 2 "
+                        "dense blocks)")
+    g.add_argument("--mask-dir", default=None, help="masks paired by name with the images (default: DATA_DIR/masks)")
+    g.add_argument("--mask-prefix", default="", help="file-name prefix of the masks, e.g. seg_ (seg_001.png)")
+    g.add_argument("--image-prefix", default="", help="file-name prefix of the images, e.g. Img_ (Img_001.png)")
+    g.add_argument("--mask-channels", type=int, default=1, choices=[1, 3],
+                   help="1: masks read as grayscale; 3: as RGB (colour-coded labels)")
     add_eval_flags(p)
     return compat.add_original_flags(p, "train")
 
@@ -155,6 +168,13 @@ def check_args(parser, args):
         value = getattr(args, key)
         if not 0 <= value <= 1:
             bad(key, value, "in [0, 1]")
+    if args.control and not args.init_from:
+        parser.error("--control trains a ControlNet on a trained model: pass its checkpoint as --init-from BASE_CKPT")
+    if args.control and (args.sample_every or args.eval_every):
+        parser.error("--sample-every and --eval-every do not sample with masks: with --control, sample the "
+                     "checkpoints with generate.py --controlnet CKPT --mask-folder DIR")
+    if args.control and args.enc_type.lower() != "none":
+        parser.error("REPA does not apply to a ControlNet branch: pass --enc-type none with --control")
     if args.batch_size % args.gradient_accumulation_steps:
         parser.error(f"--batch-size {args.batch_size} is not divisible by --gradient-accumulation-steps "
                      f"{args.gradient_accumulation_steps}")
@@ -165,6 +185,22 @@ def check_args(parser, args):
 # ------------------------------------------------------------------------------------------------------------------
 
 def build_dataset(args):
+    """The dataset --data-dir holds; with --control, its items carry the mask of their image (control_data.py)."""
+    dataset = build_image_dataset(args)
+    if not args.control:
+        return dataset
+    from control_data import MaskedDataset
+    from omegadit.shards import ShardDataset
+    if isinstance(dataset, ShardDataset):
+        raise ValueError(f"--control trains on a folder dataset with masks/; {args.data_dir} holds shards")
+    if args.mask_dir is None and not hasattr(dataset, "images_dir"):
+        raise ValueError(f"{args.data_dir} is an image folder (class folders): pass the folder of its masks as "
+                         f"--mask-dir (the same relative paths)")
+    mask_dir = args.mask_dir or str(Path(args.data_dir) / "masks")
+    return MaskedDataset(dataset, mask_dir, args.image_prefix, args.mask_prefix, args.mask_channels)
+
+
+def build_image_dataset(args):
     from omegadit.shards import ShardDataset, is_shard_dataset
     if args.data_shards or is_shard_dataset(args.data_dir):
         if args.text_emb_dir is not None:
@@ -248,6 +284,33 @@ def build_loss(args, objective):
     aux = {"proj": (AUX_LOSSES.build("proj"), args.proj_coeff),
            "cfm": (AUX_LOSSES.build("cfm", weighting=args.cfm_weighting), args.cfm_coeff)}
     return TrainingLoss(objective, aux)
+
+
+def build_control_model(args, latent_shape, resolution, device, resume_path):
+    """(control model, objective, conditioner, description) of --control: a ControlNet branch around the frozen
+    model of --init-from, with that checkpoint's objective and conditioner. A resumed branch must belong to it."""
+    from models.control import build_control
+
+    base = checkpoint.load(args.init_from)
+    if tuple(base.model.latent_shape) != tuple(latent_shape):
+        raise ValueError(f"{args.init_from} denoises latents of shape {tuple(base.model.latent_shape)}, the data of "
+                         f"{args.data_dir} has {tuple(latent_shape)}")
+    conditioning = "text" if args.use_json_dataset else "class"
+    if base.model.conditioning != "none" and base.model.conditioning != conditioning:
+        raise ValueError(f"{args.init_from} is a {base.model.conditioning}-conditioned model but the data is read "
+                         f"with {conditioning} conditions: {'add' if conditioning == 'class' else 'drop'} "
+                         f"--use-json-dataset")
+    if resolution % latent_shape[-1]:
+        raise ValueError(f"images of {resolution}px are not a whole multiple of the {latent_shape[-1]}px latents")
+    model = build_control(base.model, num_blocks=args.control_blocks, mask_channels=args.mask_channels,
+                          downsample=resolution // latent_shape[-1])
+    if resume_path is not None:
+        checkpoint.check_control_base(checkpoint.read_description(resume_path / "model.safetensors"), base.model,
+                                      args.init_from, resume_path)
+    conditioner = base.conditioner
+    if conditioner.kind == "text" and args.text_emb_dir is None:
+        conditioner.load(device, args.text_encoder if "text_encoder" in args.explicit else None)
+    return model, base.objective, conditioner, checkpoint.describe_control(base, args.init_from, model)
 
 
 def check_repa_tokens(encoders, image, model, device):
@@ -335,31 +398,42 @@ def train(args, accelerator, exp_dir, lock):
     plan = plan_resume(args, accelerator.num_processes)
     for note in plan.notes:
         log(f"resume: {note}")
-    image, latent, _ = dataset[0]
+    image, latent, *_ = dataset[0]
     resolution = image.shape[-1]
     latent_shape = tuple(latent.shape)
     compat.check_training_data(args, resolution, latent_shape)
-    conditioner, text_dim = build_conditioner(args, dataset, device)
-    encoders = build_repa_encoders(args, resolution, device)
-    model = build_backbone(args, latent_shape, text_dim, [e.z_dim for e in encoders])
-    if encoders:
-        check_repa_tokens(encoders, image, model, device)
-    objective = build_objective(args, model)
+    if args.control:
+        model, objective, conditioner, description = build_control_model(args, latent_shape, resolution, device,
+                                                                         plan.path)
+        encoders = []
+        model_name = description["backbone"].get("name", description["backbone"]["architecture"])
+        log(f"ControlNet branch ({model.architecture}, {model.config}) on the frozen {model_name} of "
+            f"{args.init_from}; masks from {dataset.mask_dir}")
+    else:
+        model_name = args.model
+        conditioner, text_dim = build_conditioner(args, dataset, device)
+        encoders = build_repa_encoders(args, resolution, device)
+        model = build_backbone(args, latent_shape, text_dim, [e.z_dim for e in encoders])
+        if encoders:
+            check_repa_tokens(encoders, image, model, device)
+        objective = build_objective(args, model)
+        description = checkpoint.describe(args.model, model, objective, conditioner, args.tokenizer,
+                                          (dataset.latent_mean, dataset.latent_std),
+                                          {"sampler": objective.default_sampler, **model.sampling_defaults})
+        if args.init_from and plan.path is None:
+            checkpoint.load_state_dict_checked(model, checkpoint.load(args.init_from).model.state_dict(),
+                                               args.init_from, args.model)
+            log(f"initialised weights from {args.init_from}")
     loss_fn = build_loss(args, objective)
-    description = checkpoint.describe(args.model, model, objective, conditioner, args.tokenizer,
-                                      (dataset.latent_mean, dataset.latent_std),
-                                      {"sampler": objective.default_sampler, **model.sampling_defaults})
-    if args.init_from and plan.path is None:
-        checkpoint.load_state_dict_checked(model, checkpoint.load(args.init_from).model.state_dict(), args.init_from,
-                                           args.model)
-        log(f"initialised weights from {args.init_from}")
     model.seed_training_rng(args.seed)
     model.set_gradient_checkpointing(args.gradient_checkpointing)
     ema = deepcopy(model).to(device).eval().requires_grad_(False) if args.ema else None
     model.to(device).train()
     if args.enc_type == "none":
         log("REPA is off (--enc-type none): the projection loss is 0")
-    log(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters; objective {objective.name}; "
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"{model_name}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained); "
+        f"objective {objective.name}; "
         f"data {args.data_dir}: {len(dataset):,} items, latents {latent_shape}, images {resolution}px")
 
     optimizer = torch.optim.AdamW(
@@ -395,14 +469,16 @@ def train(args, accelerator, exp_dir, lock):
     batches, data_state = build_batches(args, dataset, accelerator, step, plan.path, log)
 
     def next_micro_batch():
-        images, latents, conditions = next(batches)
+        images, latents, conditions, *masks = next(batches)
         images = images.to(device, non_blocking=True)
         latents = latents.to(device, non_blocking=True)
         y = conditioner(conditions, device)
-        y = conditioner.drop(y, raw_model.null_condition(y.shape[0], device))
+        model_kwargs = dict(y=conditioner.drop(y, raw_model.null_condition(y.shape[0], device)))
+        if masks:
+            model_kwargs["control"] = mask_input(masks[0].to(device, non_blocking=True))
         with torch.no_grad(), accelerator.autocast():
             targets = [encoder(images) for encoder in encoders]
-        return latents, y, targets
+        return latents, model_kwargs, targets
 
     interrupted = {"flag": False}
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
@@ -415,9 +491,9 @@ def train(args, accelerator, exp_dir, lock):
     try:
         while step < args.max_train_steps and not interrupted["flag"]:
             for micro in range(args.gradient_accumulation_steps):
-                latents, y, targets = next_micro_batch()
+                latents, model_kwargs, targets = next_micro_batch()
                 sync = micro == args.gradient_accumulation_steps - 1
-                parts = forward_backward(accelerator, model, loss_fn, latents, y, targets, args, sync)
+                parts = forward_backward(accelerator, model, loss_fn, latents, model_kwargs, targets, args, sync)
                 sums = parts if sums is None else sums + parts
                 non_finite |= ~torch.isfinite(parts[0])
             grad_norm = optimizer_step(accelerator, model, ema, optimizer, scheduler, args, step)
@@ -496,10 +572,11 @@ def build_batches(args, dataset, accelerator, step, resume_path, log):
     return loader, loader.state_dict
 
 
-def forward_backward(accelerator, model, loss_fn, latents, y, targets, args, sync=True):
-    """Loss and gradients of one micro-batch; returns the detached [total, *terms] (no host sync)."""
+def forward_backward(accelerator, model, loss_fn, latents, model_kwargs, targets, args, sync=True):
+    """Loss and gradients of one micro-batch (model_kwargs: y, and the control input of a ControlNet); returns the
+    detached [total, *terms] (no host sync)."""
     with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-        loss, terms = loss_fn(model, latents, dict(y=y), targets)
+        loss, terms = loss_fn(model, latents, model_kwargs, targets)
         accelerator.backward(loss / args.gradient_accumulation_steps)
     return torch.stack([loss.detach().float(), *terms.values()])
 

@@ -85,7 +85,7 @@ def sit_training_step(batch, compile_mode, checkpointing=False):
     zs = [torch.randn(batch, 256, 768, device="cuda")]
 
     def step():
-        forward_backward(accelerator, model, loss_fn, latents, y, zs, RECIPE)
+        forward_backward(accelerator, model, loss_fn, latents, dict(y=y), zs, RECIPE)
         optimizer_step(accelerator, model, ema, optimizer, scheduler, RECIPE, 0)
     return step
 
@@ -112,7 +112,7 @@ def full_step_bench(batch, compile_mode, checkpointing=False, warmup=5, iters=20
         with torch.no_grad(), accelerator.autocast():
             zs = [dino(images)]
             y = clip(token_ids, output_hidden_states=True).hidden_states[-2]
-        forward_backward(accelerator, model, loss_fn, latents, y, zs, RECIPE)
+        forward_backward(accelerator, model, loss_fn, latents, dict(y=y), zs, RECIPE)
         optimizer_step(accelerator, model, ema, optimizer, scheduler, RECIPE, 0)
 
     torch.cuda.reset_peak_memory_stats()

@@ -23,9 +23,9 @@ def is_class(s) -> bool:
 
 
 def data_flags(s) -> list:
-    """demo.shapes flags: the held-out combinations, and --class-labels for class presets."""
+    """demo.shapes flags: the held-out combinations, --class-labels for class presets, --masks for ControlNet ones."""
     flags = [arg for combo in s["holdout"] for arg in ("--holdout", combo)]
-    return flags + (["--class-labels"] if is_class(s) else [])
+    return flags + (["--class-labels"] if is_class(s) else []) + (["--masks"] if s.get("control") else [])
 
 
 def data_summary(s) -> str:

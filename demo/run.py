@@ -3,6 +3,7 @@
     python -m demo.run --preset cpu      # under 10 minutes on 2 CPU cores
     python -m demo.run --preset gpu      # about 9 minutes on one H100
     python -m demo.run --preset tiny     # the whole pipeline in under a minute (CI)
+    python -m demo.run --preset control-cpu   # a base SiT, then a ControlNet on the shapes' masks (demo/control.py)
 
 Every stage runs the project's own command line tools as a user would (demo.shapes, preprocessing/dataset_tools.py,
 train.py, generate.py) and the samples are scored from their pixels with evaluations/alignment.py. Some colour/shape
@@ -81,6 +82,20 @@ PRESETS.update({
     "lightningdit-gpu": dict(_PEER_GPU, model="LightningDiT-B/2", cfg_scale=1.0, train_flags=_LIGHTNINGDIT),
     "uvit-gpu": dict(_PEER_GPU, model="U-ViT-S/2"),
 })
+# ControlNet presets (demo/control.py): the text SiT of the cpu preset, then a ControlNet on the silhouettes, sampled
+# on masks of new shapes with their captions. Nothing is held out; --no-compile keeps the short GPU runs short.
+_CONTROL = dict(control=True, holdout=(), text_len=16, patch=4, shift_base=1024, mode="ode", cfg_scale=4.0)
+PRESETS.update({
+    "control-cpu": dict(_CONTROL, num_images=2000, resolution=32, model="SiT-T/2", steps=300, control_steps=300,
+                        batch_size=32, learning_rate=1e-3, control_learning_rate=5e-4, warmup_steps=50,
+                        ema_decay=0.99, mixed_precision="no", num_workers=0, log_every=50, num_prompts=32,
+                        images_per_prompt=2, sample_steps=20),
+    "control-gpu": dict(_CONTROL, num_images=10000, resolution=32, model="SiT-S/2", steps=2500, control_steps=2000,
+                        batch_size=128, learning_rate=5e-4, control_learning_rate=3e-4, warmup_steps=100,
+                        ema_decay=0.995, mixed_precision="bf16", num_workers=8, log_every=250, num_prompts=64,
+                        images_per_prompt=2, sample_steps=30, train_flags=("--no-compile",),
+                        sample_flags=("--no-compile",)),
+})
 
 
 class StageError(RuntimeError):
@@ -102,6 +117,8 @@ def parse_args(argv=None):
     g.add_argument("--model", help="SiT-{T,S,B,L,XL}/{1,2,4}; class presets: their family's sizes")
     g.add_argument("--text-len", type=int, help="caption tokens (the demo's captions need at most 14)")
     g.add_argument("--steps", type=int, help="training steps")
+    g.add_argument("--control-steps", type=int, help="ControlNet training steps (control presets)")
+    g.add_argument("--control-learning-rate", type=float, help="ControlNet learning rate (control presets)")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--learning-rate", type=float)
     g.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
@@ -218,28 +235,31 @@ def encode(s, work):
     return f"pixel:{s['patch']} latents {3 * s['patch'] ** 2}x{side}x{side}"
 
 
-def train(s, work):
-    """Train the model with train.py (accelerate launch on several GPUs); returns the last checkpoint directory."""
+def train(s, work, exp_name=EXP_NAME, steps=None, learning_rate=None, extra=()):
+    """Train the model with train.py (accelerate launch on several GPUs); returns the last checkpoint directory.
+    `steps`, `learning_rate` (default: the preset's) and `extra` flags serve the ControlNet stage."""
     print("    REPA is off (--enc-type none): no DINOv2 weights are needed offline; the projection loss is 0",
           flush=True)
-    args = ["--exp-name", EXP_NAME, "--output-dir", work / "exps", "--data-dir", work / "data",
+    steps = steps or s["steps"]
+    args = ["--exp-name", exp_name, "--output-dir", work / "exps", "--data-dir", work / "data",
             *conditions.train_flags(s), "--tokenizer", f"pixel:{s['patch']}",
             "--enc-type", "none", "--model", s["model"], "--batch-size", s["batch_size"],
-            "--num-workers", s["num_workers"], "--max-train-steps", s["steps"], "--checkpointing-steps", s["steps"],
-            "--log-every", s["log_every"], "--learning-rate", s["learning_rate"],
+            "--num-workers", s["num_workers"], "--max-train-steps", steps, "--checkpointing-steps", steps,
+            "--log-every", s["log_every"], "--learning-rate", learning_rate or s["learning_rate"],
             "--lr-schedule", "warmup" if s["warmup_steps"] else "constant", "--lr-warmup-steps", s["warmup_steps"],
             "--ema-decay", s["ema_decay"], "--mixed-precision", s["mixed_precision"],
-            "--cfg-prob", 0.1, "--seed", s["seed"]]
+            "--cfg-prob", 0.1, "--seed", s["seed"], *extra]
     gpus = visible_gpus()
     if gpus > 1:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
                    "train.py", *map(str, args)]
     else:
         command = python_tool("train.py", *args)
-    run_tool(command, work / "logs" / "train.log", show=training_progress(s["steps"]))
-    checkpoints = sorted((work / "exps" / EXP_NAME / "checkpoints").glob("[0-9]" * 7))
+    log = "train.log" if exp_name == EXP_NAME else f"train_{exp_name}.log"
+    run_tool(command, work / "logs" / log, show=training_progress(steps))
+    checkpoints = sorted((work / "exps" / exp_name / "checkpoints").glob("[0-9]" * 7))
     if not checkpoints:
-        raise StageError(f"train.py finished but wrote no checkpoint under {work / 'exps' / EXP_NAME}")
+        raise StageError(f"train.py finished but wrote no checkpoint under {work / 'exps' / exp_name}")
     return checkpoints[-1]
 
 
@@ -296,13 +316,13 @@ def describe_run(work):
     return folders + (f"; checkpoint {checkpoints[-1]}" if checkpoints else "")
 
 
-def stage(number, title, function, *args):
-    print(f"[{number}/5] {title} ...", flush=True)
+def stage(number, title, function, *args, total=5):
+    print(f"[{number}/{total}] {title} ...", flush=True)
     start = time.perf_counter()
     result = function(*args)
     seconds = time.perf_counter() - start
     note = f": {result}" if isinstance(result, str) else ""
-    print(f"[{number}/5] {title} done in {seconds:.1f}s{note}", flush=True)
+    print(f"[{number}/{total}] {title} done in {seconds:.1f}s{note}", flush=True)
     return result, seconds
 
 
@@ -314,6 +334,9 @@ def main(argv=None):
     print(f"OmegaDiT shapes demo, preset {args.preset}: {s['model']} on {s['resolution']}px, {s['steps']} steps, "
           f"batch {s['batch_size']}; work folder {work}; tools run with OMP_NUM_THREADS="
           f"{child_env()['OMP_NUM_THREADS']}", flush=True)
+    if s.get("control"):
+        from demo import control
+        return control.main(s, work, args.overwrite, started)
     try:
         prepare_workdir(work, args.overwrite)
         durations = {}

@@ -12,6 +12,12 @@ the class names as class_names.txt (line k names class k).
 
     python -m demo.shapes --out demo_runs/shapes --num 2000 --holdout "red triangle" --holdout "blue circle"
     python -m demo.shapes --out demo_runs/classes --num 2000 --class-labels
+    python -m demo.shapes --out demo_runs/masked --num 2000 --masks
+
+With --masks every image also gets its mask, the shape's silhouette (grayscale, 255 inside, anti-aliased edges), as
+masks/<same id>.png for ControlNet training (train.py --control), and control_eval/ holds masks of shapes drawn
+afresh (masks/NNNNNN.png) with the caption of each (prompts.txt, line i for mask i) to sample and score mask
+following (evaluations/mask_iou.py).
 """
 import argparse
 import itertools
@@ -220,17 +226,17 @@ def sample_attributes(rng, combos=None):
     return attrs
 
 
-def _render_image(attrs, resolution):
+def _render_image(attrs, resolution, mode="RGB", background=BACKGROUND, fill=None):
     if "extent" in attrs:
         extent, cx, cy = attrs["extent"], attrs["cx"], attrs["cy"]
     else:
         extent, cx, cy = canonical_geometry(attrs["size"], attrs["position"])
     side = resolution * SUPERSAMPLE
-    canvas = Image.new("RGB", (side, side), BACKGROUND)
+    canvas = Image.new(mode, (side, side), background)
     draw = ImageDraw.Draw(canvas)
     x0, x1 = round((cx - extent / 2) * side), round((cx + extent / 2) * side) - 1
     y0, y1 = round((cy - extent / 2) * side), round((cy + extent / 2) * side) - 1
-    fill = PALETTE[attrs["colour"]]
+    fill = PALETTE[attrs["colour"]] if fill is None else fill
     if attrs["shape"] == "circle":
         draw.ellipse((x0, y0, x1, y1), fill=fill)
     elif attrs["shape"] == "square":
@@ -247,6 +253,28 @@ def render(attrs, resolution=64):
     return np.asarray(_render_image(attrs, resolution))
 
 
+def _render_mask(attrs, resolution):
+    return _render_image(attrs, resolution, mode="L", background=0, fill=255)
+
+
+def render_mask(attrs, resolution=64):
+    """The silhouette of the shape `render` draws: (H, W) uint8, 255 inside, anti-aliased edges."""
+    return np.asarray(_render_mask(attrs, resolution))
+
+
+def write_control_eval(out_dir, count, resolution, combos, rng):
+    """control_eval/masks/NNNNNN.png (silhouettes of `count` shapes drawn from `combos`) and control_eval/prompts.txt
+    (a caption of each, line i for mask i)."""
+    folder = Path(out_dir) / "control_eval"
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in range(count):
+        attrs = sample_attributes(rng, combos)
+        _render_mask(attrs, resolution).save(folder / "masks" / f"{index:06d}.png", format="PNG")
+        lines.append(caption(attrs, rng))
+    (folder / "prompts.txt").write_text("".join(line + "\n" for line in lines))
+
+
 def _prompt_lines(groups, count, rng):
     groups = [[group[i] for i in rng.permutation(len(group))] for group in groups if group]
     if not groups or count <= 0:
@@ -259,13 +287,14 @@ def _prompt_lines(groups, count, rng):
 
 
 def make_dataset(out_dir, num, resolution=64, seed=0, holdout=(), num_prompts=64, per_folder=1000, overwrite=False,
-                 class_labels=False):
+                 class_labels=False, masks=False):
     """Write a shapes dataset to `out_dir` and return its metadata dict.
 
     Writes images/data_XXXXXX/img_XXXXXXXX.png, labels.json ([{"id", "en"}], no held-out combination),
     holdout_prompts.txt and seen_prompts.txt (`num_prompts` captions each) and demo_meta.json; with
-    `class_labels` also images/dataset.json and class_names.txt (write_class_labels). The same arguments give
-    byte-identical files.
+    `class_labels` also images/dataset.json and class_names.txt (write_class_labels); with `masks` the silhouettes
+    masks/<id>.png and control_eval/ (`num_prompts` masks of new shapes and their captions; write_control_eval).
+    The same arguments give byte-identical files.
     """
     out_dir = Path(out_dir)
     image_root = out_dir / "images"
@@ -273,6 +302,8 @@ def make_dataset(out_dir, num, resolution=64, seed=0, holdout=(), num_prompts=64
         if not overwrite:
             raise FileExistsError(f"{image_root} is not empty; pass overwrite=True (--overwrite) to replace it")
         shutil.rmtree(image_root)
+        for folder in ("masks", "control_eval"):
+            shutil.rmtree(out_dir / folder, ignore_errors=True)
     if num < 0 or resolution < 8 or per_folder < 1:
         raise ValueError(f"need num >= 0, resolution >= 8, per_folder >= 1 (got {num}, {resolution}, {per_folder})")
     holdout = list(holdout)
@@ -291,6 +322,10 @@ def make_dataset(out_dir, num, resolution=64, seed=0, holdout=(), num_prompts=64
         if index % per_folder == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
         _render_image(attrs, resolution).save(path, format="PNG")
+        if masks:
+            mask_path = out_dir / "masks" / f"{image_id}.png"
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            _render_mask(attrs, resolution).save(mask_path, format="PNG")
         labels.append({"id": image_id, "en": caption(attrs, rng)})
         attributes[image_id] = attrs
     image_root.mkdir(parents=True, exist_ok=True)
@@ -311,6 +346,8 @@ def make_dataset(out_dir, num, resolution=64, seed=0, holdout=(), num_prompts=64
     if class_labels:
         write_class_labels(out_dir, attributes)
         meta["classes"] = list(CLASS_NAMES)
+    if masks:
+        write_control_eval(out_dir, num_prompts, resolution, train_combos, np.random.default_rng([seed, 2]))
     (out_dir / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
     (out_dir / "holdout_prompts.txt").write_text("".join(line + "\n" for line in held))
     (out_dir / "seen_prompts.txt").write_text("".join(line + "\n" for line in seen))
@@ -333,11 +370,14 @@ def main(argv=None):
     parser.add_argument("--class-labels", action="store_true",
                         help="also write class labels (colour x shape, 24 classes) as images/dataset.json and "
                              "their names as class_names.txt")
+    parser.add_argument("--masks", action="store_true",
+                        help="also write each image's silhouette as masks/<id>.png, and control_eval/ (masks of new "
+                             "shapes with their captions) for ControlNet training and scoring")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     make_dataset(args.out, args.num, resolution=args.resolution, seed=args.seed, holdout=args.holdout,
                  num_prompts=args.num_prompts, per_folder=args.per_folder, overwrite=args.overwrite,
-                 class_labels=args.class_labels)
+                 class_labels=args.class_labels, masks=args.masks)
     print(f"wrote {args.num} images ({args.resolution}px) to {args.out} in {time.perf_counter() - start:.1f}s")
 
 

@@ -12,6 +12,12 @@ needs besides the weights:
      "sampling": {"sampler": "sde", "num_steps": 50, ...}}  # defaults generate.py starts from
 
 so that `load(path)` rebuilds the network, the objective and the conditioner with no training folder around.
+A ControlNet checkpoint (train.py --control) holds the control branch only; its description is its base's plus
+
+     "control": {"architecture": "transformer-control", "config": {...},
+                 "base": {"backbone": {...}, "weights": "ema", "weights_sha256": "...", "path": "..."}}
+
+and `load_control(path, base)` puts it around the base it was trained on, refusing any other base.
 Files written before this format (metadata "config" only, with args.json beside) still load, and so do the
 checkpoints other projects released (omegadit/importers.py).
 """
@@ -137,6 +143,10 @@ def load(path, use_ema: bool = True, source_format: Optional[str] = None) -> Loa
         metadata = read_metadata(weights)
         if META_KEY in metadata or "config" in metadata:
             description = read_description(weights) or _legacy_description(weights)
+            if "control" in description:
+                raise ValueError(f"{weights} is a ControlNet checkpoint (train.py --control), not a model: sample it "
+                                 f"with generate.py --ckpt BASE --controlnet {path} --mask MASK, BASE being the model "
+                                 f"it was trained on ({description['control']['base'].get('path')})")
             kind = {"ema.safetensors": "ema", "model.safetensors": "model"}.get(weights.name)
             return build(description, load_weights(weights), weights)._replace(weights=kind)
     from omegadit.importers import import_checkpoint
@@ -190,3 +200,56 @@ def sit_description(config: dict, args: dict) -> dict:
     if stats is not None:
         description["latent_stats"] = stats
     return description
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ControlNet checkpoints
+# ------------------------------------------------------------------------------------------------------------------
+
+def describe_control(base: Loaded, base_path, control) -> dict:
+    """The description of a control branch trained on the loaded checkpoint `base` (read from `base_path`)."""
+    from models.control import weights_fingerprint
+
+    return {**base.description, "control": {
+        "architecture": control.architecture, "config": control.config,
+        "base": {"backbone": base.description["backbone"], "weights": base.weights,
+                 "weights_sha256": weights_fingerprint(base.model), "path": str(base_path)}}}
+
+
+def check_control_base(description: dict, base_model, base_source, control_source):
+    """Refuse a base network other than the one the control branch of `description` was trained on."""
+    from models.control import weights_fingerprint
+
+    recorded = description["control"]["base"]
+    trained_on = (f"{recorded['backbone'].get('name', recorded['backbone']['architecture'])} "
+                  f"({recorded.get('weights') or 'its'} weights of {recorded.get('path')})")
+    config = json.loads(json.dumps(base_model.config))
+    if base_model.architecture != recorded["backbone"]["architecture"] or config != recorded["backbone"]["config"]:
+        raise ValueError(f"{control_source} is a ControlNet of another model: it was trained on {trained_on}, "
+                         f"{base_source} is a {base_model.architecture} of another configuration")
+    if weights_fingerprint(base_model) != recorded["weights_sha256"]:
+        raise ValueError(f"{control_source} is a ControlNet of other weights: it was trained on {trained_on}; the "
+                         f"weights of {base_source} differ (another checkpoint or step of the same model)")
+
+
+def control_base_weights(path) -> Optional[str]:
+    """Which weights of its base checkpoint a control branch was trained on: 'ema', 'model' or None (unknown)."""
+    description = read_description(weights_file(path))
+    return (description or {}).get("control", {}).get("base", {}).get("weights")
+
+
+def load_control(path, base: Loaded, base_source, use_ema: bool = True) -> Loaded:
+    """The control model of checkpoint `path` around the loaded base checkpoint `base` (read from `base_source`),
+    after checking that it is the base the branch was trained on."""
+    from models.control import rebuild_control
+
+    weights = weights_file(path, use_ema)
+    description = read_description(weights) if weights.suffix == ".safetensors" else None
+    if not description or "control" not in description:
+        raise ValueError(f"{weights} is not a ControlNet checkpoint (train.py --control writes them)")
+    check_control_base(description, base.model, base_source, weights)
+    control = description["control"]
+    model = rebuild_control(control["architecture"], base.model, control["config"])
+    load_state_dict_checked(model, load_weights(weights), weights, f"a {control['architecture']} branch")
+    kind = {"ema.safetensors": "ema", "model.safetensors": "model"}.get(weights.name)
+    return base._replace(model=model.eval(), description=description, weights=kind)

@@ -221,7 +221,8 @@ def check_checkpoint(args, loaded, downsample: int) -> None:
     first that does not hold is an error; --num-classes on a text model is ignored with a note."""
     from models import BACKBONES
 
-    description, config = loaded.description, loaded.model.config
+    description = loaded.description
+    config = getattr(loaded.model, "base", loaded.model).config  # a ControlNet's model flags are its base's
     problems = []
     name = given(args, "--model")
     held = description["backbone"].get("name")

@@ -22,7 +22,7 @@ FROZEN_ON_RESUME = (
     "model", "num_classes", "qk_norm", "sprint_drop_ratio", "path_drop_prob", "projector_dim",
     "use_json_dataset", "text_len", "batch_size", "gradient_accumulation_steps", "seed",
     "objective", "path_type", "weighting", "time_shifting", "shift_base", "cfg_prob", "enc_type", "proj_coeff",
-    "cfm_coeff", "cfm_weighting", "ema",
+    "cfm_coeff", "cfm_weighting", "ema", "control", "control_blocks", "mask_channels",
 )
 APPLIED_ON_RESUME = (
     "output_dir", "exp_name", "report_to", "log_every", "checkpointing_steps", "keep_last",
@@ -33,7 +33,7 @@ APPLIED_ON_RESUME = (
     "mixed_precision", "allow_tf32", "sample_every", "sample_prompts", "num_samples", "sample_steps", "cfg_scale",
     "guidance_low", "guidance_high", "ema_warmup",
     "eval_every", "eval_ref", "eval_num_samples", "eval_batch_size", "eval_steps", "eval_sampler", "eval_cfg_scale",
-    "eval_prompts", "eval_inception_weights",
+    "eval_prompts", "eval_inception_weights", "mask_dir", "mask_prefix", "image_prefix",
 )
 # --recipe and the original's own flags (args.original_*) act through the flags they set, which are compared.
 NOT_COMPARED = ("config", "explicit", "resume", "resume_step", "init_from", "recipe")
@@ -83,7 +83,7 @@ def plan_resume(args, num_processes: int = 1) -> ResumePlan:
         return ResumePlan(None, notes)
     notes.extend(compare_args(path, vars(args)))
     notes.extend(rng_warnings(path, num_processes))
-    if args.init_from:
+    if args.init_from and not getattr(args, "control", False):  # a ControlNet's --init-from is its frozen base
         notes.append(f"{flag('init_from')} {args.init_from} is ignored: the weights come from {path}")
     return ResumePlan(path, notes)
 

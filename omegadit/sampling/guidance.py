@@ -5,7 +5,8 @@ unconditional halves in one batched call, only for t in the guidance interval [l
 1 = noise). `channels` limits guidance to the first channels (DiT and LightningDiT guide three; the rest comes
 from the conditional half). `path_drop` asks the backbone to drop its sparse path in the unconditional half (SiT):
 the backbone is called with uncond=N, the number of conditional samples leading the batch, so that it can skip the
-sparse blocks for the rest.
+sparse blocks for the rest. `model_kwargs` are further inputs of the model (a ControlNet's control images and
+scale); their tensors are given to both halves.
 """
 import math
 
@@ -16,7 +17,7 @@ class GuidedNetwork:
     """Calls `model(x, network_time(t), y=...)` and applies guidance; w == 1 is a single conditional call."""
 
     def __init__(self, model, objective, y, y_null=None, scale=1.0, interval=(0.0, 1.0), path_drop=False,
-                 channels=None):
+                 channels=None, model_kwargs=None):
         if not math.isfinite(scale):
             raise ValueError(f"guidance scale must be finite, got {scale}")
         low, high = interval
@@ -29,6 +30,7 @@ class GuidedNetwork:
         self.interval = (low, high)
         self.path_drop = path_drop
         self.channels = channels
+        self.model_kwargs = dict(model_kwargs or {})
         self.y_null = self._null(y_null) if scale != 1.0 else None
 
     def _null(self, y_null):
@@ -54,8 +56,10 @@ class GuidedNetwork:
         w = self.scale_at(t)
         t_net = self.objective.network_time(torch.full((n,), t, device=x.device))
         if w == 1.0:
-            return self.model(x, t_net, y=self.y)[0].float()
-        kwargs = {"uncond": n} if self.path_drop else {}  # the samples from n on are the unconditional half
+            return self.model(x, t_net, y=self.y, **self.model_kwargs)[0].float()
+        kwargs = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in self.model_kwargs.items()}
+        if self.path_drop:
+            kwargs["uncond"] = n  # the samples from n on are the unconditional half
         out = self.model(torch.cat([x, x]), torch.cat([t_net, t_net]), y=torch.cat([self.y, self.y_null]), **kwargs)
         cond, uncond = out[0].float().chunk(2)
         guided = uncond + w * (cond - uncond)
