@@ -119,9 +119,10 @@ class DiffusersUNet(Backbone):
         else:
             self.unet.disable_gradient_checkpointing()
 
-    def compile_regions(self) -> list:
-        """The whole network, or its down, middle and up blocks one by one under gradient checkpointing."""
-        if self.gradient_checkpointing:
+    def compile_regions(self, regional: bool = True) -> list:
+        """The down, middle and up blocks one by one (regional, or under gradient checkpointing), else the whole
+        network."""
+        if regional or self.gradient_checkpointing:
             return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
         return [self]
 
