@@ -27,6 +27,7 @@ from omegadit.compilation import (COMPILE_MODES, compile_enabled, compile_frozen
 from omegadit.conditioners import (DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassConditioner, TextConditioner,
                                    UnconditionalConditioner)
 from omegadit.evaluation_during_training import add_eval_flags, build_evaluator
+from omegadit.fp8 import convert_blocks_to_float8
 from omegadit.locking import ExperimentLock, ExperimentLocked, describe_holder
 from omegadit.objectives import AUX_LOSSES, OBJECTIVES
 from omegadit.objectives.flow import DEFAULT_SHIFT_BASE
@@ -70,6 +71,9 @@ def build_parser():
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the backbone and frozen encoders (default: on with CUDA, off on CPU)")
+    g.add_argument("--fp8", action="store_true",
+                   help="FP8 matmuls in the blocks' linear layers (torchao Float8Linear; needs torchao and an H100 or "
+                        "newer GPU; checkpoints are unchanged)")
     g.add_argument("--compile-mode", default="regional", choices=COMPILE_MODES,
                    help="regional: compile one block and reuse it for all (fast start); model: the whole forward")
     g.add_argument("--compile-cache", default=None,
@@ -344,6 +348,8 @@ def train(args, accelerator, exp_dir, lock):
     model.seed_training_rng(args.seed)
     model.set_gradient_checkpointing(args.gradient_checkpointing)
     ema = deepcopy(model).to(device).eval().requires_grad_(False) if args.ema else None
+    if args.fp8:
+        log(f"FP8 training: {convert_blocks_to_float8(model)} linear layers of the blocks run in float8")
     model.to(device).train()
     if args.enc_type == "none":
         log("REPA is off (--enc-type none): the projection loss is 0")

@@ -140,3 +140,23 @@ def test_compile_cache_folder_is_set_for_the_process_unless_the_environment_name
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError, match="--compile-cache .*file"):
         use_compile_cache(tmp_path / "file" / "cache")
+
+
+def test_fp8_blocks_keep_the_checkpoint_keys_and_stay_close_to_float32():
+    pytest.importorskip("torchao", reason="FP8 training is optional (pip install torchao)")
+    from omegadit.fp8 import convert_blocks_to_float8
+
+    reference = deterministic_training_model()
+    with torch.no_grad():  # unit-gain weights, so that the blocks (where FP8 acts) shape the gradients
+        for p in reference.parameters():
+            p.normal_(0, p[0].numel() ** -0.5 if p.dim() > 1 else 0.02)
+    fp8 = copy.deepcopy(reference)
+    assert convert_blocks_to_float8(fp8) == 2 * len(fp8.blocks)  # qkv and proj; SwiGLU widths are not x16 here
+    assert list(fp8.state_dict()) == list(reference.state_dict())
+    x, t, y = inputs(reference, batch=4)
+    v32, _ = velocity_and_gradients(reference, x, t, y, bf16=False)
+    g32 = torch.cat([p.grad.flatten() for p in reference.blocks.parameters()])
+    v8, _ = velocity_and_gradients(fp8, x, t, y, bf16=False)
+    g8 = torch.cat([p.grad.flatten() for p in fp8.blocks.parameters()])
+    assert 1e-3 < relative_error(g8, g32) < 0.1  # FP8 really ran (e4m3 rounds to 2^-4), and stays close
+    assert relative_error(v8, v32) < 0.1
