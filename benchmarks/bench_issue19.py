@@ -281,7 +281,7 @@ def write_generate_checkpoint(path, smoke):
     checkpoint.save_weights(path, model.state_dict(), description)
 
 
-def generate_warmup(ckpt, cache, out, name, smoke):
+def generate_warmup(ckpt, cache, out, name, timeout, smoke):
     """Run generate.py; warm-up = launch -> first batch's images, less one steady batch (from the images' times)."""
     batch, batches = (4, 2) if smoke else (256, 3)
     command = [sys.executable, "generate.py", "--ckpt", str(ckpt), "--no-ema", "--sample-dir", str(out), "--name",
@@ -289,7 +289,7 @@ def generate_warmup(ckpt, cache, out, name, smoke):
                "--num-steps", "2" if smoke else "50", "--cfg-scale", "4", "--path-drop", "--mode", "sde",
                "--compile-cache", str(cache), *(["--no-compile"] if smoke else [])]
     launched = time.time()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=child_env())
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=child_env(), timeout=timeout)
     if done.returncode:
         raise RuntimeError(f"generate.py failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     wall = time.time() - launched
@@ -305,7 +305,9 @@ def generate_warmup(ckpt, cache, out, name, smoke):
 # ------------------------------------------------------------------------------------------------------------------
 
 def child_env():
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    """The children's environment: offline, and no compile cache folder but the one each section names."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    return {**env, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def run_child(kind, extra, timeout, smoke):
@@ -346,24 +348,25 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__}
-    compile_mode = (lambda mode: "eager") if args.smoke else (lambda mode: mode)
-    plan = [
-        ("startup_model_cold", 200, lambda t: run_child("startup", ["--compile-mode", compile_mode("model"),
-                                                                    "--cache", str(work / "cache_model")], t, args.smoke)),
-        ("startup_model_warm", 90, lambda t: run_child("startup", ["--compile-mode", compile_mode("model"),
-                                                                   "--cache", str(work / "cache_model")], t, args.smoke)),
-        ("startup_regional_cold", 90, lambda t: run_child("startup", ["--compile-mode", compile_mode("regional"),
-                                                                      "--cache", str(work / "cache_regional")], t,
-                                                          args.smoke)),
-        ("startup_regional_warm", 60, lambda t: run_child("startup", ["--compile-mode", compile_mode("regional"),
-                                                                      "--cache", str(work / "cache_regional")], t,
-                                                          args.smoke)),
-        ("step_fused_vs_plain", 120, lambda t: run_child("step_ab", ["--cache", str(work / "cache_regional")], t,
-                                                         args.smoke)),
-        ("xl_ckpt", 120, lambda t: run_child("xl", ["--cache", str(work / "cache_regional")], t, args.smoke)),
-        ("generate_cold", 120, lambda t: generate_section(work, "cold", args.smoke)),
-        ("generate_warm", 60, lambda t: generate_section(work, "warm", args.smoke)),
-        ("fp8", 150, lambda t: fp8_section(work, t, args.smoke)),
+
+    def startup(mode, cache):
+        return lambda t: run_child("startup", ["--compile-mode", "eager" if args.smoke else mode,
+                                               "--cache", str(work / cache)], t, args.smoke)
+
+    def child(kind):
+        return lambda t: run_child(kind, ["--cache", str(work / "cache_regional")], t, args.smoke)
+
+    plan = [  # (section, time limit in seconds, run(time limit) -> result)
+        ("startup_model_cold", 200, startup("model", "cache_model")),
+        ("startup_model_warm", 90, startup("model", "cache_model")),
+        ("startup_regional_cold", 90, startup("regional", "cache_regional")),
+        ("startup_regional_warm", 60, startup("regional", "cache_regional")),
+        ("step_fused_vs_plain", 120, child("step_ab")),
+        ("xl_ckpt", 120, child("xl")),
+        ("generate_cold", 120, lambda t: generate_section(work, "cold", t, args.smoke)),
+        ("generate_warm", 60, lambda t: generate_section(work, "warm", t, args.smoke)),
+        ("fp8", 150, child("fp8") if torchao_installed() else
+         lambda t: {"error": "skipped: torchao is not installed (pip install torchao; see omegadit/fp8.py)"}),
     ]
     for name, limit, run in plan:
         if only and name not in only:
@@ -385,19 +388,16 @@ def main():
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
-def generate_section(work, which, smoke):
+def generate_section(work, which, timeout, smoke):
     ckpt = work / "generate_ckpt.safetensors"
     if not ckpt.exists():
         write_generate_checkpoint(ckpt, smoke)
-    return generate_warmup(ckpt, work / "cache_generate", work / "samples", which, smoke)
+    return generate_warmup(ckpt, work / "cache_generate", work / "samples", which, timeout, smoke)
 
 
-def fp8_section(work, timeout, smoke):
-    try:
-        import torchao  # noqa: F401
-    except ImportError:
-        return {"error": "skipped: torchao is not installed (pip install torchao; see omegadit/fp8.py)"}
-    return run_child("fp8", ["--cache", str(work / "cache_regional")], timeout, smoke)
+def torchao_installed():
+    import importlib.util
+    return importlib.util.find_spec("torchao") is not None
 
 
 def print_table(results):

@@ -27,9 +27,9 @@ def compile_modules(modules):
 
 
 def repeated_blocks(module: nn.Module) -> list:
-    """The children of the longest nn.ModuleList in `module` whose children all share one class (a transformer's
-    layers), or [module] itself when it has none."""
-    candidates = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
+    """The children of the longest nn.ModuleList or nn.Sequential in `module` whose children all share one class (a
+    transformer's layers), or [module] itself when it has none."""
+    candidates = [m for m in module.modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 1
                   and len({type(child) for child in m}) == 1]
     if not candidates:
         return [module]
