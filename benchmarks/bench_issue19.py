@@ -15,7 +15,9 @@ time-out does not hide the other numbers; `--only` picks some):
 - xl_ckpt: SiT-XL/1, batch 256, gradient checkpointing, regional compile: img/s and peak memory;
 - generate_{cold,warm}: generate.py on a random-weight class-conditional SiT-B/1 checkpoint (pixel:4 latents,
   48x16x16), 3 batches of 256, 50-step SDE with CFG 4 and path drop: warm-up = seconds from launch to the first
-  batch's images less one steady batch, cold and warm compile cache.
+  batch's images less one steady batch, cold and warm compile cache;
+- demo_step: the gpu demo's training step (SiT-B/2, 64 px pixel latents, MiniLM-width captions, no REPA) without
+  data loading or text encoding, batch 256 and 512: what its s/step would be if the GPU were the limit.
 Random weights of the real sizes, data already on the GPU, no network, no diffusers. `--smoke` runs every section
 with a tiny model, eagerly, on CPU (a check of the script itself, not a measurement).
 """
@@ -40,10 +42,11 @@ from models.sit import Attention  # noqa: E402
 
 LATENT = (32, 16, 16)
 TEXT = (77, 768)
+DEMO = dict(latent=(48, 16, 16), text=(16, 384), z_dim=None)  # the gpu demo: pixel:4 at 64 px, MiniLM, no REPA
 RECIPE = Namespace(gradient_accumulation_steps=1, max_grad_norm=1.0, ema_decay=0.9999, ema_warmup=False)
 SMOKE = dict(model="SiT-T/1", batch=4, latent=(4, 8, 8), text=(5, 16), z_dim=16, steps=4)
 SECTIONS = ("startup_model_cold", "startup_model_warm", "startup_regional_cold", "startup_regional_warm",
-            "step_fused_vs_plain", "fp8", "xl_ckpt", "generate_cold", "generate_warm")
+            "step_fused_vs_plain", "xl_ckpt", "generate_cold", "generate_warm", "fp8", "demo_step")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -59,8 +62,9 @@ def sync():
         torch.cuda.synchronize()
 
 
-def build_step(model_name, batch, compile_mode, checkpointing=False, fp8=False, smoke=False, seed=0):
-    """A closure running one SiT training step (REPA targets and caption embeddings given), and the model."""
+def build_step(model_name, batch, compile_mode, checkpointing=False, fp8=False, smoke=False, seed=0, shapes=None):
+    """A closure running one SiT training step (REPA targets and caption embeddings given), and the model.
+    shapes: dict(latent, text, z_dim) (z_dim None: no REPA), default SiT-B/1's benchmark shapes."""
     from accelerate import Accelerator
 
     from loss import TrainingLoss
@@ -70,13 +74,15 @@ def build_step(model_name, batch, compile_mode, checkpointing=False, fp8=False, 
     from train import compile_for_training, forward_backward, optimizer_step
     from utils import lr_lambda
 
-    latent, text, z_dim = (SMOKE["latent"], SMOKE["text"], SMOKE["z_dim"]) if smoke else (LATENT, TEXT, 768)
+    shapes = SMOKE if smoke else (shapes or dict(latent=LATENT, text=TEXT, z_dim=768))
+    latent, text, z_dim = shapes["latent"], shapes["text"], shapes["z_dim"]
+    z_dims = [] if z_dim is None else [z_dim]
     torch.manual_seed(seed)
     accelerator = Accelerator(mixed_precision="no" if smoke else "bf16", cpu=smoke)
 
     def build():
         return BACKBONES.get(model_name)(input_size=latent[1], in_channels=latent[0], text_dim=text[1],
-                                         text_len=text[0], z_dims=[z_dim])
+                                         text_len=text[0], z_dims=z_dims)
 
     model = build()
     model.set_gradient_checkpointing(checkpointing)
@@ -95,7 +101,8 @@ def build_step(model_name, batch, compile_mode, checkpointing=False, fp8=False, 
                                                               "cfm": (ContrastiveFlowMatching(), 0.05)})
     latents = torch.randn(batch, *latent, device=device())
     y = torch.randn(batch, *text, device=device())
-    zs = [torch.randn(batch, latent[1] * latent[2], z_dim, device=device())]
+    tokens = (latent[1] // model.patch_size) * (latent[2] // model.patch_size)
+    zs = [torch.randn(batch, tokens, z, device=device()) for z in z_dims]
 
     def step():
         forward_backward(accelerator, model, loss_fn, latents, y, zs, RECIPE)
@@ -249,6 +256,22 @@ def child_xl(args):
     return dict(img_s=batch / timed_steps(step, 2 if args.smoke else 8), **peak_memory())
 
 
+def child_demo_step(args):
+    """The gpu demo's training step (SiT-B/2 on 48x16x16 pixel latents, 16 MiniLM tokens, no REPA), regional
+    compile, without data loading and text encoding: img/s at batch 256 and 512."""
+    from omegadit.compilation import use_compile_cache
+
+    use_compile_cache(args.cache)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    result = {}
+    for batch in ((SMOKE["batch"],) if args.smoke else (256, 512)):
+        step, _ = build_step(SMOKE["model"] if args.smoke else "SiT-B/2", batch, "eager" if args.smoke else "regional",
+                             smoke=args.smoke, shapes=DEMO)
+        timed_steps(step, 2 if args.smoke else 15)
+        result[f"b{batch}_img_s"] = batch / timed_steps(step, 2 if args.smoke else 30)
+    return result
+
+
 def peak_memory():
     if not torch.cuda.is_available():
         return {}
@@ -256,7 +279,8 @@ def peak_memory():
                 total_gb=torch.cuda.get_device_properties(0).total_memory / 1e9)
 
 
-CHILDREN = {"startup": child_startup, "step_ab": child_step_ab, "fp8": child_fp8, "xl": child_xl}
+CHILDREN = {"startup": child_startup, "step_ab": child_step_ab, "fp8": child_fp8, "xl": child_xl,
+            "demo_step": child_demo_step}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -367,6 +391,7 @@ def main():
         ("generate_warm", 60, lambda t: generate_section(work, "warm", t, args.smoke)),
         ("fp8", 150, child("fp8") if torchao_installed() else
          lambda t: {"error": "skipped: torchao is not installed (pip install torchao; see omegadit/fp8.py)"}),
+        ("demo_step", 90, child("demo_step")),
     ]
     for name, limit, run in plan:
         if only and name not in only:
@@ -425,7 +450,9 @@ def print_table(results):
             ("SiT-XL/1 b256 ckpt peak GB", "xl_ckpt", "peak_gb"),
             ("generate.py warm-up s, cold cache", "generate_cold", "warmup_s"),
             ("generate.py warm-up s, warm cache", "generate_warm", "warmup_s"),
-            ("generate.py SDE-50 CFG path drop img/s", "generate_warm", "img_s")]
+            ("generate.py SDE-50 CFG path drop img/s", "generate_warm", "img_s"),
+            ("demo step (SiT-B/2, 64 px) b256 img/s", "demo_step", "b256_img_s"),
+            ("demo step (SiT-B/2, 64 px) b512 img/s", "demo_step", "b512_img_s")]
     for label, section, key in rows:
         print(f"| {label} | {get(section, key, '{:.4g}')} |")
     errors = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
