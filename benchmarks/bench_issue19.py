@@ -4,12 +4,14 @@
 
 Sections (each in a child process of its own, so that start-up is timed from a real launch and one failure or
 time-out does not hide the other numbers; `--only` picks some):
-- startup_{model,regional}_{cold,warm}: SiT-B/1 training (batch 256, bf16, train.py's `forward_backward` and
-  `optimizer_step`, path drop on as in training), compiled whole or regionally, with an empty compile cache and
-  again with the cache the first launch filled: seconds from launch to the first step and to the first steady
-  step (every later step within 2x of the steady step time), steady img/s, peak memory;
-- step_fused_vs_plain: steady img/s of the regionally compiled step with the SiT attention of this checkout (q and
-  k rotated in one pass) and with the plain one it replaced (q, k, v split, each rotated on its own), alternated;
+- startup_{model,regional}_{cold,warm}: SiT-B/1 training with DINOv2-B/14 REPA targets and CLIP-L caption tokens
+  computed in every step (batch 256, bf16, train.py's `forward_backward` and `optimizer_step`, path drop on as in
+  training), the three networks compiled whole or regionally, with an empty compile cache and again with the
+  cache the first launch filled: seconds from launch to the first step and to the first steady step (every later
+  step within 2x of the steady step time), steady img/s of the full step, peak memory;
+- step_fused_vs_plain: steady img/s of the SiT-only step compiled whole and regionally with the attention of this
+  checkout (q and k rotated in one pass), and regionally with the plain one it replaced (q, k, v split, each
+  rotated on its own), alternated;
 - fp8: the same step with the blocks' linears in FP8 (omegadit/fp8.py, needs torchao), and its numerics against
   float32 next to those of bf16;
 - xl_ckpt: SiT-XL/1, batch 256, gradient checkpointing, regional compile: img/s and peak memory;
@@ -62,9 +64,11 @@ def sync():
         torch.cuda.synchronize()
 
 
-def build_step(model_name, batch, compile_mode, checkpointing=False, fp8=False, smoke=False, seed=0, shapes=None):
-    """A closure running one SiT training step (REPA targets and caption embeddings given), and the model.
-    shapes: dict(latent, text, z_dim) (z_dim None: no REPA), default SiT-B/1's benchmark shapes."""
+def build_step(model_name, batch, compile_mode, checkpointing=False, fp8=False, smoke=False, seed=0, shapes=None,
+               encoders=False):
+    """A closure running one SiT training step, and the model. REPA targets and caption embeddings are given, or
+    with `encoders` computed in each step by DINOv2-B/14 and a CLIP-L text model (random weights, compiled like
+    train.py compiles them). shapes: dict(latent, text, z_dim) (z_dim None: no REPA), default SiT-B/1's."""
     from accelerate import Accelerator
 
     from loss import TrainingLoss
@@ -104,10 +108,41 @@ def build_step(model_name, batch, compile_mode, checkpointing=False, fp8=False, 
     tokens = (latent[1] // model.patch_size) * (latent[2] // model.patch_size)
     zs = [torch.randn(batch, tokens, z, device=device()) for z in z_dims]
 
+    if encoders:
+        compute_conditions = frozen_encoders(batch, compile_mode, accelerator)
+    else:
+        def compute_conditions():
+            return y, zs
+
     def step():
+        y, zs = compute_conditions()
         forward_backward(accelerator, model, loss_fn, latents, y, zs, RECIPE)
         optimizer_step(accelerator, model, ema, optimizer, scheduler, RECIPE, 0)
     return step, accelerator.unwrap_model(model)
+
+
+def frozen_encoders(batch, compile_mode, accelerator):
+    """() -> (caption tokens of CLIP-L text, [DINOv2-B/14 features]) for random 256 px images and token ids, as
+    train.py's `next_micro_batch` computes them; both networks compiled as train.py compiles frozen encoders."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from models.repa_encoders import build_repa_encoder
+    from omegadit.compilation import compile_frozen
+
+    dino = build_repa_encoder("dinov2-vit-b", resolution=256, pretrained=False).to(device()).eval()
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+    clip = CLIPTextModel(config).to(device()).eval().requires_grad_(False)
+    if compile_mode != "eager":
+        compile_frozen(dino.model, compile_mode)
+        compile_frozen(clip, compile_mode)
+    images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device())
+    token_ids = torch.randint(0, 49408, (batch, TEXT[0]), device=device())
+
+    def compute():
+        with torch.no_grad(), accelerator.autocast():
+            return clip(token_ids, output_hidden_states=True).hidden_states[-2], [dino(images)]
+    return compute
 
 
 def steady_summary(stamps, start, batch):
@@ -120,7 +155,8 @@ def steady_summary(stamps, start, batch):
 
 
 def child_startup(args):
-    """Launch -> steady steps of SiT-B/1 training, compiled `--compile-mode` with the compile cache `--cache`."""
+    """Launch -> steady steps of SiT-B/1 training with DINOv2-B and CLIP-L text (the full step of train.py),
+    compiled `--compile-mode` with the compile cache `--cache`."""
     from torch._dynamo.utils import counters
 
     from omegadit.compilation import use_compile_cache
@@ -130,9 +166,10 @@ def child_startup(args):
         torch.backends.cuda.matmul.allow_tf32 = True
     imported = time.time()
     batch = SMOKE["batch"] if args.smoke else 256
-    step, _ = build_step(SMOKE["model"] if args.smoke else "SiT-B/1", batch, args.compile_mode, smoke=args.smoke)
+    step, _ = build_step(SMOKE["model"] if args.smoke else "SiT-B/1", batch, args.compile_mode, smoke=args.smoke,
+                         encoders=not args.smoke)
     stamps = []
-    for _ in range(SMOKE["steps"] if args.smoke else 30):
+    for _ in range(SMOKE["steps"] if args.smoke else 25):
         step()
         sync()
         stamps.append(time.time())
@@ -151,26 +188,28 @@ def timed_steps(step, iters):
 
 
 def child_step_ab(args):
-    """Steady img/s of the regionally compiled SiT-B/1 step, attention of this checkout vs the plain one."""
+    """Steady img/s of the SiT-B/1 step (SiT only): compiled whole with this checkout's attention, and compiled
+    regionally with this checkout's attention and with the plain one, alternated three times."""
     from omegadit.compilation import use_compile_cache
 
     use_compile_cache(args.cache)
     torch.backends.cuda.matmul.allow_tf32 = True
     batch = SMOKE["batch"] if args.smoke else 256
-    mode = "eager" if args.smoke else "regional"
     steps = {}
-    for name in ("fused", "plain"):
-        steps[name], model = build_step(SMOKE["model"] if args.smoke else "SiT-B/1", batch, mode, smoke=args.smoke)
-        if name == "plain":  # a class of its own: Dynamo guards on the module's type, so each model keeps its graph
+    for name, mode in (("model_fused", "model"), ("regional_fused", "regional"), ("regional_plain", "regional")):
+        steps[name], model = build_step(SMOKE["model"] if args.smoke else "SiT-B/1", batch,
+                                        "eager" if args.smoke else mode, smoke=args.smoke)
+        if name.endswith("plain"):  # a class of its own: Dynamo guards on the module's type, each keeps its graph
             for block in model.blocks:
                 block.attn.__class__ = PlainAttention
-        timed_steps(steps[name], 2 if args.smoke else 12)
+        timed_steps(steps[name], 2 if args.smoke else 15)  # path drop first fires at step 12: both graphs compiled
     seconds = {name: [] for name in steps}
     for _ in range(3):
         for name, step in steps.items():
-            seconds[name].append(timed_steps(step, 2 if args.smoke else 20))
+            seconds[name].append(timed_steps(step, 2 if args.smoke else 15))
     result = {f"{name}_img_s": batch / statistics.median(s) for name, s in seconds.items()}
-    result["gain"] = result["fused_img_s"] / result["plain_img_s"] - 1
+    result["fused_gain"] = result["regional_fused_img_s"] / result["regional_plain_img_s"] - 1
+    result["regional_vs_model"] = result["regional_fused_img_s"] / result["model_fused_img_s"] - 1
     return result
 
 
@@ -253,7 +292,7 @@ def child_xl(args):
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     timed_steps(step, 1 if args.smoke else 4)
-    return dict(img_s=batch / timed_steps(step, 2 if args.smoke else 8), **peak_memory())
+    return dict(img_s=batch / timed_steps(step, 2 if args.smoke else 6), **peak_memory())
 
 
 def child_demo_step(args):
@@ -352,7 +391,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="write every number as JSON here")
     p.add_argument("--only", default="", help=f"comma separated sections (default: all): {', '.join(SECTIONS)}")
-    p.add_argument("--budget", type=float, default=510, help="seconds; sections that would start later are skipped")
+    p.add_argument("--budget", type=float, default=530, help="seconds; sections that would start later are skipped")
     p.add_argument("--workdir", default=None, help="compile caches and samples (default: a temporary folder)")
     p.add_argument("--smoke", action="store_true", help="tiny model, eager, CPU: checks the script, measures nothing")
     p.add_argument("--child", default=None, choices=sorted(CHILDREN), help=argparse.SUPPRESS)
@@ -377,15 +416,15 @@ def main():
         return lambda t: run_child("startup", ["--compile-mode", "eager" if args.smoke else mode,
                                                "--cache", str(work / cache)], t, args.smoke)
 
-    def child(kind):
-        return lambda t: run_child(kind, ["--cache", str(work / "cache_regional")], t, args.smoke)
+    def child(kind, cache="cache_regional"):
+        return lambda t: run_child(kind, ["--cache", str(work / cache)], t, args.smoke)
 
     plan = [  # (section, time limit in seconds, run(time limit) -> result)
         ("startup_model_cold", 200, startup("model", "cache_model")),
         ("startup_model_warm", 90, startup("model", "cache_model")),
         ("startup_regional_cold", 90, startup("regional", "cache_regional")),
         ("startup_regional_warm", 60, startup("regional", "cache_regional")),
-        ("step_fused_vs_plain", 120, child("step_ab")),
+        ("step_fused_vs_plain", 150, child("step_ab", "cache_model")),  # the whole-model graphs are warm there
         ("xl_ckpt", 120, child("xl")),
         ("generate_cold", 120, lambda t: generate_section(work, "cold", t, args.smoke)),
         ("generate_warm", 60, lambda t: generate_section(work, "warm", t, args.smoke)),
@@ -439,8 +478,9 @@ def print_table(results):
             print(f"| {mode}, {cache} cache | {get(name, 'first_step_s')} | {get(name, 'first_steady_s')} | "
                   f"{get(name, 'steady_img_s')} | {get(name, 'peak_gb')} | {get(name, 'graphs', '{}')} |")
     print("\n| what | value |\n| --- | --- |")
-    rows = [("step, regional, fused q/k RoPE img/s", "step_fused_vs_plain", "fused_img_s"),
-            ("step, regional, plain attention img/s", "step_fused_vs_plain", "plain_img_s"),
+    rows = [("SiT step, whole-model compile, fused q/k RoPE img/s", "step_fused_vs_plain", "model_fused_img_s"),
+            ("SiT step, regional compile, fused q/k RoPE img/s", "step_fused_vs_plain", "regional_fused_img_s"),
+            ("SiT step, regional compile, plain attention img/s", "step_fused_vs_plain", "regional_plain_img_s"),
             ("step, FP8 (torchao) img/s", "fp8", "fp8_img_s"),
             ("FP8 velocity rel. err vs fp32", "fp8", "fp8_velocity_rel_err"),
             ("bf16 velocity rel. err vs fp32", "fp8", "bf16_velocity_rel_err"),

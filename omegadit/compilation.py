@@ -37,8 +37,15 @@ def repeated_blocks(module: nn.Module) -> list:
 
 
 def compile_frozen(module: nn.Module, mode: str):
-    """Compile a frozen network (text encoder, REPA encoder): its repeated blocks ('regional') or all of it."""
-    compile_modules(repeated_blocks(module) if mode == "regional" else [module])
+    """Compile a frozen network (text encoder, REPA encoder): its repeated blocks ('regional') or all of it. A timm
+    model is called through `forward_features` (models/repa_encoders.py), which `module.compile()` would not
+    reach: that method is compiled instead."""
+    if mode == "regional":
+        compile_modules(repeated_blocks(module))
+    elif hasattr(module, "forward_features"):
+        module.forward_features = torch.compile(module.forward_features, dynamic=False)
+    else:
+        compile_modules([module])
 
 
 def use_compile_cache(folder) -> str | None:

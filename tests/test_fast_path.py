@@ -124,6 +124,16 @@ def test_regional_compile_wraps_the_blocks_and_model_mode_the_whole_network():
     assert all(block._compiled_call_impl is None for block in whole.blocks)
 
 
+def test_frozen_timm_encoder_is_compiled_where_it_is_called():
+    from models.repa_encoders import build_repa_encoder
+
+    regional, whole = (build_repa_encoder("dinov2-vit-s", resolution=64, depth=2) for _ in range(2))
+    compile_for_training(tiny_text_sit(), [regional], mode="regional")
+    compile_for_training(tiny_text_sit(), [whole], mode="model")
+    assert all(block._compiled_call_impl is not None for block in regional.model.blocks)
+    assert hasattr(whole.model.forward_features, "_torchdynamo_orig_callable")  # RepaEncoder calls forward_features
+
+
 def test_repeated_blocks_are_the_longest_list_of_one_class():
     model = tiny_text_sit()
     assert repeated_blocks(model) == list(model.blocks)  # not the 2 projectors
