@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from models.control import mask_input
 from omegadit import checkpoint, compat
 from omegadit import manifest as manifests
+from omegadit.compilation import COMPILE_MODES, compile_enabled, compile_modules, use_compile_cache
 from omegadit.importers import IMPORTERS
 from omegadit.prompts import read_prompts
 from omegadit.sampling import SAMPLERS, check_sampler
@@ -78,6 +79,11 @@ def parse_args(argv=None):
     g.add_argument("--global-seed", type=int, default=0)
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA, off on CPU)")
+    g.add_argument("--compile-mode", default="regional", choices=COMPILE_MODES,
+                   help="regional: compile one block and reuse it for all (fast start); model: the whole forward")
+    g.add_argument("--compile-cache", default=None,
+                   help="folder of the persistent compile cache, so that the next call starts warm "
+                        "(default: <sample-dir>/compile_cache; 'none': torch's temporary folder)")
     g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"],
                    help="bf16 model calls (auto: when the GPU supports bf16)")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
@@ -359,9 +365,9 @@ def main(args):
     conditioner = build_conditioner(args, loaded, backbone, device)
     if state.is_main_process:
         warn_truncated(conditioner, conditions)
-    if args.compile if args.compile is not None else device.type == "cuda":
-        for region in model.compile_regions():
-            region.compile()
+    if compile_enabled(args.compile, device):
+        use_compile_cache(args.compile_cache or Path(args.sample_dir) / "compile_cache")
+        compile_modules(model.compile_regions(regional=args.compile_mode == "regional"))
 
     state.wait_for_everyone()  # every process has checked the folder before its manifest is written
     if state.is_main_process:

@@ -23,9 +23,12 @@ from loss import TrainingLoss
 from models import BACKBONES
 from models.control import mask_input
 from omegadit import checkpoint, compat
+from omegadit.compilation import (COMPILE_MODES, compile_enabled, compile_frozen, compile_modules,
+                                  use_compile_cache)
 from omegadit.conditioners import (DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassConditioner, TextConditioner,
                                    UnconditionalConditioner)
 from omegadit.evaluation_during_training import add_eval_flags, build_evaluator
+from omegadit.fp8 import convert_blocks_to_float8
 from omegadit.locking import ExperimentLock, ExperimentLocked, describe_holder
 from omegadit.objectives import AUX_LOSSES, OBJECTIVES
 from omegadit.objectives.flow import DEFAULT_SHIFT_BASE
@@ -69,6 +72,14 @@ def build_parser():
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the backbone and frozen encoders (default: on with CUDA, off on CPU)")
+    g.add_argument("--fp8", action="store_true",
+                   help="FP8 matmuls in the blocks' linear layers (torchao Float8Linear; needs torchao and an H100 or "
+                        "newer GPU; checkpoints are unchanged)")
+    g.add_argument("--compile-mode", default="regional", choices=COMPILE_MODES,
+                   help="regional: compile one block and reuse it for all (fast start); model: the whole forward")
+    g.add_argument("--compile-cache", default=None,
+                   help="folder of the persistent compile cache, so that the next launch starts warm "
+                        "(default: <output-dir>/compile_cache; 'none': torch's temporary folder)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", required=True,
                    help="dataset folder, or a shard dataset (a folder holding index.json, or an s3://, gs://, "
@@ -339,12 +350,12 @@ def build_sample_writer(args, dataset, conditioner, objective, latent_shape, dev
                         cfg_scale=args.cfg_scale, interval=(args.guidance_low, args.guidance_high))
 
 
-def compile_for_training(model, frozen):
-    """torch.compile the regions the backbone offers and the networks inside the frozen encoders, in place."""
-    for region in model.compile_regions():
-        region.compile()
+def compile_for_training(model, frozen, mode="regional"):
+    """torch.compile, in place, the regions the backbone offers and the networks inside the frozen encoders: their
+    repeated blocks one by one (mode 'regional') or whole ('model'; omegadit/compilation.py)."""
+    compile_modules(model.compile_regions(regional=mode == "regional"))
     for wrapper in frozen:
-        wrapper.model.compile()
+        compile_frozen(wrapper.model, mode)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -428,6 +439,8 @@ def train(args, accelerator, exp_dir, lock):
     model.seed_training_rng(args.seed)
     model.set_gradient_checkpointing(args.gradient_checkpointing)
     ema = deepcopy(model).to(device).eval().requires_grad_(False) if args.ema else None
+    if args.fp8:
+        log(f"FP8 training: {convert_blocks_to_float8(model)} linear layers of the blocks run in float8")
     model.to(device).train()
     if args.enc_type == "none":
         log("REPA is off (--enc-type none): the projection loss is 0")
@@ -447,9 +460,12 @@ def train(args, accelerator, exp_dir, lock):
                if args.sample_every else None)
     evaluator = build_evaluator(args, dataset, conditioner, objective, latent_shape, device)
 
-    if args.compile if args.compile is not None else device.type == "cuda":
+    if compile_enabled(args.compile, device):
+        cache = use_compile_cache(args.compile_cache or Path(args.output_dir) / "compile_cache")
+        log(f"torch.compile ({args.compile_mode}); compile cache: {cache or 'torch default'}")
         text_encoder = getattr(conditioner, "encoder", None)
-        compile_for_training(model, ([text_encoder] if text_encoder is not None else []) + encoders)
+        compile_for_training(model, ([text_encoder] if text_encoder is not None else []) + encoders,
+                             args.compile_mode)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 

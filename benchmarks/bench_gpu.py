@@ -50,7 +50,7 @@ def build_sit(compile_mode, checkpointing=False):
     model = SiT_models["SiT-B/1"](input_size=LATENT[1], in_channels=LATENT[0], text_dim=TEXT[1], z_dims=[768])
     model.set_gradient_checkpointing(checkpointing)
     if compile_mode == "model":
-        compile_for_training(model, [])
+        compile_for_training(model, [], "model")
     elif compile_mode:
         for block in model.blocks:
             block.compile()

@@ -28,10 +28,16 @@ def main():
     p.add_argument("--guidance-high", type=float, default=1.0)
     p.add_argument("--no-path-drop", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile-mode", default="model", choices=["model", "regional"],
+                   help="the whole model (as measured before) or its blocks one by one (generate.py's default)")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     model = SiT_models["SiT-B/1"](input_size=16, in_channels=32, text_dim=768, z_dims=[768]).cuda().eval()
-    model.compile()
+    if args.compile_mode == "model":
+        model.compile()
+    else:
+        for block in model.blocks:
+            block.compile(dynamic=False)
     noise = torch.randn(args.batch, 32, 16, 16, device="cuda")
     y = torch.randn(args.batch, 77, 768, device="cuda")
 
@@ -50,7 +56,8 @@ def main():
         run()
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    print(f"guided_sampling path_drop={not args.no_path_drop} guidance_high={args.guidance_high} "
+    print(f"guided_sampling compile={args.compile_mode} path_drop={not args.no_path_drop} "
+          f"guidance_high={args.guidance_high} "
           f"batch={args.batch}: {args.batch / seconds:.1f} img/s ({seconds:.2f} s)")
 
 

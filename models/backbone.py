@@ -103,10 +103,12 @@ class Backbone(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def compile_regions(self) -> list:
-        """Modules to torch.compile for training: the whole network, or its blocks one by one under gradient
-        checkpointing (a whole-graph compile would undo its memory saving)."""
-        if self.gradient_checkpointing and hasattr(self, "blocks"):
+    def compile_regions(self, regional: bool = True) -> list:
+        """Modules to torch.compile: the blocks one by one (regional compilation, omegadit/compilation.py: blocks
+        of one class share one compiled graph, the layers between them run eagerly), or, with `regional` False,
+        the whole network, except under gradient checkpointing (a whole-graph compile would undo its memory
+        saving)."""
+        if hasattr(self, "blocks") and (regional or self.gradient_checkpointing):
             return list(self.blocks)
         return [self]
 

@@ -170,8 +170,9 @@ class TransformerControl(ControlledBackbone):
         for index in range(num_blocks):
             base.blocks[index].register_forward_hook(functools.partial(self._join, index))
 
-    def compile_regions(self) -> list:
-        """The copied blocks and the base blocks the branch does not join (those carry its hooks and stay eager)."""
+    def compile_regions(self, regional: bool = True) -> list:
+        """The copied blocks and the base blocks the branch does not join (those carry its hooks and stay eager), in
+        both compile modes: a whole-forward graph would have to trace the hooks."""
         return [*self.branch.blocks, *self.base.blocks[self.config["num_blocks"]:]]
 
     def controlled_forward(self, x, t, y, control, scale, **kwargs):

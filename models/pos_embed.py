@@ -50,3 +50,12 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate queries or keys x (..., tokens, head_dim) by tables broadcastable to it."""
     return x * cos + rotate_pairs(x) * sin
+
+
+def apply_rope_paired(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` for tables whose channel pairs (2i, 2i+1) hold equal values, as `rope_2d_tables` makes them:
+    the same numbers, computed from each pair once in one elementwise pass (queries and keys stacked into one x
+    are rotated together)."""
+    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., ::2], sin[..., ::2]
+    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from models import ARCHITECTURES, BACKBONES
 from models.backbone import Backbone, init_adaln_zero, register_sizes, unpatchify
-from models.pos_embed import apply_rope, rope_2d_tables, sincos_2d
+from models.pos_embed import apply_rope_paired, rope_2d_tables, sincos_2d
 from omegadit.conditioners import DEFAULT_TEXT_LEN
 
 DENSE_IN = 2
@@ -97,19 +97,21 @@ class Attention(nn.Module):
             raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.qk_norm = qk_norm
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, rope_cos, rope_sin):
+        """x (N, tokens, dim); RoPE tables (tokens, head_dim) or (N, 1, tokens, head_dim), pairs of equal channels
+        (`rope_2d_tables`). Queries and keys are rotated together in one pass that writes SDPA's (N, heads,
+        tokens, head_dim) layout; values are read in place from the projection's output."""
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, rope_cos, rope_sin).to(v.dtype)
-        k = apply_rope(k, rope_cos, rope_sin).to(v.dtype)
-        x = F.scaled_dot_product_attention(q, k, v)
+        qk = torch.stack([self.q_norm(qkv[0]), self.k_norm(qkv[1])]) if self.qk_norm else qkv[:2]
+        q, k = apply_rope_paired(qk, rope_cos, rope_sin).to(qkv.dtype).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, qkv[2])
         return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
 
 

@@ -119,8 +119,9 @@ class DiffusersUNet(Backbone):
         else:
             self.unet.disable_gradient_checkpointing()
 
-    def compile_regions(self) -> list:
-        """The whole network, or its down, middle and up blocks one by one under gradient checkpointing."""
+    def compile_regions(self, regional: bool = True) -> list:
+        """The down, middle and up blocks one by one under gradient checkpointing, else the whole network, also when
+        `regional`: the U-Net's blocks all differ, so compiling them one by one would share no graph."""
         if self.gradient_checkpointing:
             return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
         return [self]

@@ -170,9 +170,9 @@ class UViT(Backbone):
             raise ValueError(f"null context must be {tuple(self.null_context.shape)}, got {tuple(embedding.shape)}")
         self.null_context.copy_(embedding)
 
-    def compile_regions(self):
-        """The whole network, or under gradient checkpointing each block on its own."""
-        if self.gradient_checkpointing:
+    def compile_regions(self, regional=True):
+        """Each block on its own (regional, or under gradient checkpointing), else the whole network."""
+        if regional or self.gradient_checkpointing:
             return [*self.in_blocks, self.mid_block, *self.out_blocks]
         return [self]
 

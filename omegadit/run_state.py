@@ -31,7 +31,7 @@ APPLIED_ON_RESUME = (
     "num_workers", "enc_weights", "max_train_steps", "learning_rate", "lr_schedule", "lr_warmup_steps",
     "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "ema_decay",
     "mixed_precision", "allow_tf32", "sample_every", "sample_prompts", "num_samples", "sample_steps", "cfg_scale",
-    "guidance_low", "guidance_high", "ema_warmup",
+    "guidance_low", "guidance_high", "ema_warmup", "fp8", "compile_mode", "compile_cache",
     "eval_every", "eval_ref", "eval_num_samples", "eval_batch_size", "eval_steps", "eval_sampler", "eval_cfg_scale",
     "eval_prompts", "eval_inception_weights", "mask_dir", "mask_prefix", "image_prefix",
 )

@@ -31,7 +31,8 @@ def test_tiny_preset_runs_every_stage_and_reports_scores(tmp_path):
     for group in ("all", "seen", "held_out"):
         for attribute in ("colour", "shape", "size", "position", "all_attributes"):
             assert 0.0 <= scores[group][attribute] <= 1.0
-    assert Image.open(results["grids"]["held_out"]).size[0] > 0
+    assert Image.open(results["grids"]["held_out"]).size[0] > 0 and Image.open(results["grids"]["seen"]).size[0] > 0
+    assert [p.name for p in (work / "logs").glob("sample_*.log")] == ["sample_all.log"]  # one generate.py call
     assert f"sample grid (held-out prompts): {results['grids']['held_out']}" in result.stdout
     held_out = (work / "data" / "holdout_prompts.txt").read_text().splitlines()
     assert all(any(combo.split()[0] in p and combo.split()[1] in p for combo in demo.HOLDOUT) for p in held_out)
@@ -43,6 +44,8 @@ def test_overrides_apply_on_top_of_the_preset():
     settings = demo.settings_from(demo.parse_args(["--preset", "cpu", "--steps", "7", "--holdout", "red circle"]))
     assert settings["steps"] == 7 and settings["holdout"] == ["red circle"]
     assert settings["batch_size"] == demo.PRESETS["cpu"]["batch_size"]
+    settings = demo.settings_from(demo.parse_args(["--preset", "cpu", "--lr-schedule", "cosine", "--sample-batch", "8"]))
+    assert settings["lr_schedule"] == "cosine" and settings["sample_batch"] == 8  # keys the cpu preset leaves out
 
 
 def test_refuses_a_folder_that_is_not_a_demo_run(tmp_path):
