@@ -116,7 +116,7 @@ def build_step(model_name, batch, compile_mode, checkpointing=False, fp8=False, 
 
     def step():
         y, zs = compute_conditions()
-        forward_backward(accelerator, model, loss_fn, latents, y, zs, RECIPE)
+        forward_backward(accelerator, model, loss_fn, latents, dict(y=y), zs, RECIPE)
         optimizer_step(accelerator, model, ema, optimizer, scheduler, RECIPE, 0)
     return step, accelerator.unwrap_model(model)
 
