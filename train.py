@@ -28,13 +28,13 @@ from omegadit.evaluation_during_training import add_eval_flags, build_evaluator
 from omegadit.locking import ExperimentLock, ExperimentLocked, describe_holder
 from omegadit.objectives import AUX_LOSSES, OBJECTIVES
 from omegadit.objectives.flow import DEFAULT_SHIFT_BASE
-from omegadit.options import accepted_options, explicit_options
+from omegadit.options import accepted_options, explicit_options, given_options
 from omegadit.run_log import log_metrics, make_logger
 from omegadit.run_state import apply_optimizer_flags, load_checkpoint, plan_resume, save_checkpoint
 from utils import ResumableBatchSampler, ema_decay_at, lr_lambda, parse_with_config, update_ema, write_json
 
 BACKBONE_OPTIONS = ("qk_norm", "sprint_drop_ratio", "path_drop_prob", "projector_dim")
-OBJECTIVE_OPTIONS = ("path_type", "weighting", "time_shifting", "shift_base")
+OBJECTIVE_OPTIONS = ("path_type", "weighting", "time_shifting", "shift_base", "clip_denoised")
 POSITIVE = ("log_every", "checkpointing_steps", "batch_size", "max_train_steps", "gradient_accumulation_steps",
             "num_samples", "sample_steps", "text_len", "shift_base")
 NON_NEGATIVE = ("keep_last", "resume_step", "num_workers", "lr_warmup_steps", "sample_every", "learning_rate",
@@ -99,13 +99,17 @@ def build_parser():
     g.add_argument("--gradient-accumulation-steps", type=int, default=1)
     g.add_argument("--mixed-precision", default="fp16", choices=["no", "fp16", "bf16"])
     g.add_argument("--allow-tf32", action="store_true")
-    g = p.add_argument_group("objective (options apply to the objectives that take them)")
+    g = p.add_argument_group("objective (options apply to the objectives that take them; unset, each objective's "
+                             "own defaults apply, shown here for 'flow')")
     g.add_argument("--objective", default=None, choices=OBJECTIVES.names(),
                    help="default: the backbone's own (flow for SiT)")
     g.add_argument("--path-type", default="linear", choices=["linear", "cosine"])
     g.add_argument("--weighting", default="uniform", choices=["uniform", "lognormal"])
     g.add_argument("--time-shifting", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--shift-base", type=int, default=DEFAULT_SHIFT_BASE)
+    g.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
+                   help="Gaussian objectives: clip the predicted data to [-1, 1] in sampling (default: on for "
+                        "unnormalised pixel data, off for latents)")
     g.add_argument("--cfg-prob", type=float, default=0.1, help="caption/label dropout for guidance")
     g.add_argument("--enc-type", default="dinov2-vit-b", help="REPA target encoders, comma separated, or 'none'")
     g.add_argument("--enc-weights", default=None, help="local weights file or folder for the REPA encoders")
@@ -131,7 +135,7 @@ def parse_args(argv=None):
     check_args(parser, args)
     if args.enc_type.lower() == "none":
         args.enc_type = "none"
-    args.explicit = sorted(explicit_options(parser, args))
+    args.explicit = sorted(explicit_options(parser, args, argv))
     return args
 
 
@@ -201,13 +205,12 @@ def build_repa_encoders(args, resolution, device):
 
 
 def build_backbone(args, latent_shape, text_dim, z_dims):
-    """The backbone `--model` names, for latents of latent_shape, with the backbone options it takes."""
+    """The backbone `--model` names, for latents of latent_shape, with the backbone options the user set."""
     channels, height, width = latent_shape
     if height != width:
         raise ValueError(f"latents must be square, got {height}x{width}")
     factory = BACKBONES.get(args.model)
-    options = {k: getattr(args, k) for k in BACKBONE_OPTIONS}
-    options = accepted_options(factory, options, set(args.explicit), args.model)
+    options = given_options(factory, args, BACKBONE_OPTIONS, args.model)
     if z_dims:
         options.update(accepted_options(factory, {"z_dims": z_dims}, {"z_dims"}, f"{args.model} (REPA, --enc-type)"))
     elif "z_dims" in accepted_options(factory, {"z_dims": []}, set(), args.model):
@@ -216,13 +219,23 @@ def build_backbone(args, latent_shape, text_dim, z_dims):
     return factory(input_size=height, in_channels=channels, **condition, **options)
 
 
-def build_objective(args, model):
+def build_objective(args, model, dataset):
+    """The objective --objective names (default: the backbone's, with the backbone's settings for it), with the
+    objective options the user set on top; Gaussian objectives clip their predicted data to [-1, 1] in sampling
+    when the data are pixels (`--clip-denoised` / `--no-clip-denoised` to choose)."""
     name = args.objective or model.default_objective
     factory = OBJECTIVES.get(name)
-    options = accepted_options(factory, {k: getattr(args, k) for k in OBJECTIVE_OPTIONS}, set(args.explicit),
-                               f"the {name!r} objective")
-    defaults = model.objective_defaults if name == model.default_objective else {}
-    return factory(**{**defaults, **options})
+    what = f"the {name!r} objective"
+    defaults = dict(model.objective_defaults) if name == model.default_objective else {}
+    defaults.update(accepted_options(factory, {"clip_denoised": is_pixel_data(args.tokenizer, dataset)}, set(), what))
+    return factory(**{**defaults, **given_options(factory, args, OBJECTIVE_OPTIONS, what)})
+
+
+def is_pixel_data(tokenizer: str, dataset) -> bool:
+    """Whether the training data are pixels in [-1, 1] as the network sees them: the pixel tokenizer, left
+    unnormalised (latent statistics mean 0, std 1)."""
+    pixel = tokenizer == "pixel" or tokenizer.startswith("pixel:")
+    return pixel and bool((dataset.latent_mean == 0).all() and (dataset.latent_std == 1).all())
 
 
 def build_loss(args, objective):
@@ -325,7 +338,7 @@ def train(args, accelerator, exp_dir, lock):
     model = build_backbone(args, latent_shape, text_dim, [e.z_dim for e in encoders])
     if encoders:
         check_repa_tokens(encoders, image, model, device)
-    objective = build_objective(args, model)
+    objective = build_objective(args, model, dataset)
     loss_fn = build_loss(args, objective)
     description = checkpoint.describe(args.model, model, objective, conditioner, args.tokenizer,
                                       (dataset.latent_mean, dataset.latent_std),
