@@ -69,7 +69,8 @@ def build_parser():
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the backbone and frozen encoders (default: on with CUDA, off on CPU)")
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", required=True)
+    g.add_argument("--data-dir", required=True, help="images/ + vae-in/, an image folder (data_root/<class>/*.png) "
+                   "or a fast-DiT features path (<name>_features/ + <name>_labels/)")
     g.add_argument("--use-json-dataset", action="store_true", help="captions from labels.json (else class labels)")
     g.add_argument("--label-file", default=None, help="labels.json to use instead of <data-dir>/labels.json")
     g.add_argument("--text-emb-dir", default=None, help="cached caption embeddings (preprocessing encode-text)")
@@ -168,6 +169,9 @@ def build_dataset(args):
     if args.use_json_dataset:
         from json_label_dataset import JsonLabelDataset
         return JsonLabelDataset(args.data_dir, label_file=args.label_file, text_emb_dir=args.text_emb_dir)
+    from fast_dit_dataset import FastDiTFeatures, is_fast_dit_features
+    if is_fast_dit_features(args.data_dir):  # fast-DiT's extract_features.py output: SD-VAE latents x 0.18215
+        return fast_dit_features(args, FastDiTFeatures(args.data_dir))
     from image_folder_dataset import ImageFolderDataset, is_image_folder
     if is_image_folder(args.data_dir):  # data_root/<class>/*.png, encoded with --tokenizer (cached)
         dataset = ImageFolderDataset(args.data_dir, args.tokenizer)
@@ -175,6 +179,19 @@ def build_dataset(args):
         return dataset
     from dataset import CustomDataset
     return CustomDataset(args.data_dir)
+
+
+def fast_dit_features(args, dataset):
+    """fast-DiT's latents: their labels checked against --num-classes, decoded with the SD-VAE unless --tokenizer
+    names a copy of it; REPA is refused (there are no images to encode)."""
+    if args.enc_type != "none":
+        raise ValueError(f"{args.data_dir} holds fast-DiT's pre-extracted latents and no images, which REPA "
+                         f"(--enc-type {args.enc_type}) encodes: pass --enc-type none")
+    if args.num_classes:
+        dataset.check_classes(args.num_classes)
+    if "tokenizer" not in args.explicit:
+        args.tokenizer = dataset.autoencoder
+    return dataset
 
 
 def build_conditioner(args, dataset, device):
@@ -330,7 +347,7 @@ def train(args, accelerator, exp_dir, lock):
     for note in plan.notes:
         log(f"resume: {note}")
     image, latent, _ = dataset[0]
-    resolution = image.shape[-1]
+    resolution = getattr(dataset, "resolution", image.shape[-1])  # datasets without images state it
     latent_shape = tuple(latent.shape)
     compat.check_training_data(args, resolution, latent_shape)
     conditioner, text_dim = build_conditioner(args, dataset, device)
