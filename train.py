@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from json_label_dataset import collate
 from loss import TrainingLoss
 from models import BACKBONES
+from models.text_encoder import CLIP_OUTPUTS
 from omegadit import checkpoint, compat
 from omegadit.conditioners import (DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassConditioner, TextConditioner,
                                    UnconditionalConditioner)
@@ -77,6 +78,9 @@ def build_parser():
     g.add_argument("--text-encoder", "--clip-model-id", dest="text_encoder", default=DEFAULT_TEXT_ENCODER,
                    help="text encoder: hub id, ModelScope id, local directory or 'minilm'")
     g.add_argument("--text-len", type=int, default=DEFAULT_TEXT_LEN, help="caption tokens per image")
+    g.add_argument("--clip-output", default="penultimate", choices=CLIP_OUTPUTS,
+                   help="the CLIP text encoder's features: its penultimate hidden state (OmegaDiT) or its last one "
+                        "(U-ViT's MS-COCO models); recorded in checkpoints. Other text encoders give their last")
     g.add_argument("--tokenizer", default=checkpoint.DEFAULT_AUTOENCODER,
                    help="image autoencoder of the latents, used to decode samples (pixel, vavae:CONFIG, diffusers id)")
     g.add_argument("--batch-size", type=int, default=8, help="global batch over all processes")
@@ -201,7 +205,7 @@ def build_conditioner(args, dataset, device):
         if args.num_classes == 0:
             return UnconditionalConditioner(), None
         return ClassConditioner(args.num_classes, dropout=args.cfg_prob), None
-    conditioner = TextConditioner(args.text_encoder, args.text_len, dropout=args.cfg_prob)
+    conditioner = TextConditioner(args.text_encoder, args.text_len, dropout=args.cfg_prob, clip_output=args.clip_output)
     if args.text_emb_dir is None or args.sample_every:
         conditioner.load(device)
     if args.text_emb_dir is None:

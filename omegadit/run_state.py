@@ -20,7 +20,7 @@ REQUIRED_FILES = ("model.safetensors", "ema.safetensors", "training_state.pt")
 # logged). Flags in no family are treated as frozen.
 FROZEN_ON_RESUME = (
     "model", "num_classes", "qk_norm", "sprint_drop_ratio", "path_drop_prob", "projector_dim",
-    "use_json_dataset", "text_len", "batch_size", "gradient_accumulation_steps", "seed",
+    "use_json_dataset", "text_len", "clip_output", "batch_size", "gradient_accumulation_steps", "seed",
     "objective", "path_type", "weighting", "time_shifting", "shift_base", "cfg_prob", "enc_type", "proj_coeff",
     "cfm_coeff", "cfm_weighting", "ema",
 )
@@ -30,7 +30,7 @@ APPLIED_ON_RESUME = (
     "num_workers", "enc_weights", "max_train_steps", "learning_rate", "lr_schedule", "lr_warmup_steps",
     "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "ema_decay",
     "mixed_precision", "allow_tf32", "sample_every", "sample_prompts", "num_samples", "sample_steps", "cfg_scale",
-    "guidance_low", "guidance_high", "ema_warmup",
+    "guidance_low", "guidance_high", "ema_warmup", "clip_denoised",
     "eval_every", "eval_ref", "eval_num_samples", "eval_batch_size", "eval_steps", "eval_sampler", "eval_cfg_scale",
     "eval_prompts", "eval_inception_weights",
 )
