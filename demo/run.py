@@ -81,7 +81,7 @@ PRESETS.update({
     "uvit-text-cpu": dict(_PEER_CPU, conditioning="text", holdout=None, model="U-ViT-S/2", text_len=16, steps=100,
                           sample_steps=25),
     "ddpm-cpu": dict(_PEER_CPU, **_UNET, model="UNet-Tiny", patch=1, steps=150, sample_steps=50),
-    "ldm-cpu": dict(_PEER_CPU, **_UNET, model="UNet-LDM-Tiny", patch=2, steps=300, sample_steps=50),
+    "ldm-cpu": dict(_PEER_CPU, **_UNET, model="UNet-LDM-Tiny", patch=2, steps=500, sample_steps=50),
     "dit-gpu": dict(_PEER_GPU, model="DiT-S/2", cfg_scale=1.0),
     "lightningdit-gpu": dict(_PEER_GPU, model="LightningDiT-B/2", patch=8, steps=1000, cfg_scale=1.0),
     "uvit-gpu": dict(_PEER_GPU, model="U-ViT-S/2", steps=800),

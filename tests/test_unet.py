@@ -111,7 +111,8 @@ def test_registered_sizes_and_objective_defaults():
     assert ldm["attention_head_dim"] == [6, 12, 18, 30] and ldm["cross_attention_dim"] == 512
     tiny = BACKBONES.build("UNet-Tiny", input_size=16, in_channels=3, num_classes=2)
     objective = build_objective(tiny.default_objective, **tiny.objective_defaults)
-    assert objective.config == {"num_timesteps": 1000, "beta_schedule": "linear", "variance": "fixed_large"}
+    assert objective.config == {"num_timesteps": 1000, "beta_schedule": "linear", "variance": "fixed_large",
+                                "clip_denoised": False}
     assert objective.term_names == ("mse",)
     with pytest.raises(ValueError, match="input size 20 is not divisible by 8"):
         BACKBONES.build("UNet-DDPM-32", input_size=20, in_channels=3)
