@@ -11,10 +11,9 @@ The U-Net presets (`data_layout` "image-folder") train straight from the class f
 makes the pixel latents as it reads the images, so nothing is encoded beforehand.
 
 Preset keys read here besides those of the text presets: `conditioning`; `data_layout`; `sampler` (generate.py
---sampler) and
-`mode` (--mode), each passed when set, else the checkpoint's default sampler; `cfg_scale` None: the checkpoint's
-default; `shift_base` None: not passed (objectives without time shifting refuse it); `train_flags`: further
-train.py flags of the backbone's recipe.
+--sampler) and `mode` (--mode), each passed when set, else the checkpoint's default sampler; `cfg_scale` None: the
+checkpoint's default; `shift_base` None: not passed (objectives without time shifting refuse it); `train_flags`:
+further train.py flags of the backbone's recipe.
 """
 from demo.shapes import CLASS_NAMES
 
@@ -28,6 +27,7 @@ def is_class(s) -> bool:
 
 
 def uses_image_folder(s) -> bool:
+    """Presets that train on data/classes, the image folder (see the module docstring)."""
     return s.get("data_layout") == "image-folder"
 
 
