@@ -22,6 +22,7 @@ from json_label_dataset import collate
 from loss import TrainingLoss
 from models import BACKBONES
 from models.control import mask_input
+from models.text_encoder import CLIP_OUTPUTS
 from omegadit import checkpoint, compat
 from omegadit.compilation import (COMPILE_MODES, compile_enabled, compile_frozen, compile_modules,
                                   use_compile_cache)
@@ -32,13 +33,13 @@ from omegadit.fp8 import convert_blocks_to_float8
 from omegadit.locking import ExperimentLock, ExperimentLocked, describe_holder
 from omegadit.objectives import AUX_LOSSES, OBJECTIVES
 from omegadit.objectives.flow import DEFAULT_SHIFT_BASE
-from omegadit.options import accepted_options, explicit_options
+from omegadit.options import accepted_options, explicit_options, given_options
 from omegadit.run_log import log_metrics, make_logger
 from omegadit.run_state import apply_optimizer_flags, load_checkpoint, load_data_state, plan_resume, save_checkpoint
 from utils import ResumableBatchSampler, ema_decay_at, lr_lambda, parse_with_config, update_ema, write_json
 
 BACKBONE_OPTIONS = ("qk_norm", "sprint_drop_ratio", "path_drop_prob", "projector_dim")
-OBJECTIVE_OPTIONS = ("path_type", "weighting", "time_shifting", "shift_base")
+OBJECTIVE_OPTIONS = ("path_type", "weighting", "time_shifting", "shift_base", "clip_denoised")
 POSITIVE = ("log_every", "checkpointing_steps", "batch_size", "max_train_steps", "gradient_accumulation_steps",
             "num_samples", "sample_steps", "text_len", "shift_base")
 NON_NEGATIVE = ("keep_last", "resume_step", "num_workers", "lr_warmup_steps", "sample_every", "learning_rate",
@@ -75,15 +76,17 @@ def build_parser():
     g.add_argument("--fp8", action="store_true",
                    help="FP8 matmuls in the blocks' linear layers (torchao Float8Linear; needs torchao and an H100 or "
                         "newer GPU; checkpoints are unchanged)")
-    g.add_argument("--compile-mode", default="regional", choices=COMPILE_MODES,
-                   help="regional: compile one block and reuse it for all (fast start); model: the whole forward")
+    g.add_argument("--compile-mode", default="model", choices=COMPILE_MODES,
+                   help="model: the whole forward (fastest steps); regional: compile one block and reuse it for all "
+                        "(a third of the cold start, ~3%% slower steps)")
     g.add_argument("--compile-cache", default=None,
                    help="folder of the persistent compile cache, so that the next launch starts warm "
                         "(default: <output-dir>/compile_cache; 'none': torch's temporary folder)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", required=True,
-                   help="dataset folder, or a shard dataset (a folder holding index.json, or an s3://, gs://, "
-                        "azure://, hf:// URL; preprocessing/dataset_tools.py pack or encode-wds writes them)")
+                   help="images/ + vae-in/, an image folder (data_root/<class>/*.png), a fast-DiT features path "
+                        "(<name>_features/ + <name>_labels/), or a shard dataset (a folder holding index.json, or an "
+                        "s3://, gs://, azure://, hf:// URL; preprocessing/dataset_tools.py pack or encode-wds)")
     g.add_argument("--data-shards", action="store_true",
                    help="--data-dir is a shard dataset (needed only where it is not recognised by itself)")
     g.add_argument("--use-json-dataset", action="store_true", help="captions from labels.json (else class labels)")
@@ -92,6 +95,9 @@ def build_parser():
     g.add_argument("--text-encoder", "--clip-model-id", dest="text_encoder", default=DEFAULT_TEXT_ENCODER,
                    help="text encoder: hub id, ModelScope id, local directory or 'minilm'")
     g.add_argument("--text-len", type=int, default=DEFAULT_TEXT_LEN, help="caption tokens per image")
+    g.add_argument("--clip-output", default="penultimate", choices=CLIP_OUTPUTS,
+                   help="the CLIP text encoder's features: its penultimate hidden state (OmegaDiT) or its last one "
+                        "(U-ViT's MS-COCO models); recorded in checkpoints. Other text encoders give their last")
     g.add_argument("--tokenizer", default=checkpoint.DEFAULT_AUTOENCODER,
                    help="image autoencoder of the latents, used to decode samples (pixel, vavae:CONFIG, diffusers id)")
     g.add_argument("--batch-size", type=int, default=8, help="global batch over all processes")
@@ -115,13 +121,17 @@ def build_parser():
     g.add_argument("--gradient-accumulation-steps", type=int, default=1)
     g.add_argument("--mixed-precision", default="fp16", choices=["no", "fp16", "bf16"])
     g.add_argument("--allow-tf32", action="store_true")
-    g = p.add_argument_group("objective (options apply to the objectives that take them)")
+    g = p.add_argument_group("objective (options apply to the objectives that take them; unset, each objective's "
+                             "own defaults apply, shown here for 'flow')")
     g.add_argument("--objective", default=None, choices=OBJECTIVES.names(),
                    help="default: the backbone's own (flow for SiT)")
     g.add_argument("--path-type", default="linear", choices=["linear", "cosine"])
     g.add_argument("--weighting", default="uniform", choices=["uniform", "lognormal"])
     g.add_argument("--time-shifting", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--shift-base", type=int, default=DEFAULT_SHIFT_BASE)
+    g.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
+                   help="Gaussian objectives: clip the predicted data to [-1, 1] in sampling (default: on for "
+                        "unnormalised pixel data, off for latents)")
     g.add_argument("--cfg-prob", type=float, default=0.1, help="caption/label dropout for guidance")
     g.add_argument("--enc-type", default="dinov2-vit-b", help="REPA target encoders, comma separated, or 'none'")
     g.add_argument("--enc-weights", default=None, help="local weights file or folder for the REPA encoders")
@@ -159,7 +169,7 @@ def parse_args(argv=None):
     check_args(parser, args)
     if args.enc_type.lower() == "none":
         args.enc_type = "none"
-    args.explicit = sorted(explicit_options(parser, args))
+    args.explicit = sorted(explicit_options(parser, args, argv))
     return args
 
 
@@ -228,6 +238,9 @@ def build_image_dataset(args):
     if args.use_json_dataset:
         from json_label_dataset import JsonLabelDataset
         return JsonLabelDataset(args.data_dir, label_file=args.label_file, text_emb_dir=args.text_emb_dir)
+    from fast_dit_dataset import FastDiTFeatures, is_fast_dit_features
+    if is_fast_dit_features(args.data_dir):  # fast-DiT's extract_features.py output: SD-VAE latents x 0.18215
+        return fast_dit_features(args, FastDiTFeatures(args.data_dir))
     from image_folder_dataset import ImageFolderDataset, is_image_folder
     if is_image_folder(args.data_dir):  # data_root/<class>/*.png, encoded with --tokenizer (cached)
         dataset = ImageFolderDataset(args.data_dir, args.tokenizer)
@@ -237,6 +250,19 @@ def build_image_dataset(args):
     return CustomDataset(args.data_dir)
 
 
+def fast_dit_features(args, dataset):
+    """fast-DiT's latents: their labels checked against --num-classes, decoded with the SD-VAE unless --tokenizer
+    names a copy of it; REPA is refused (there are no images to encode)."""
+    if args.enc_type != "none":
+        raise ValueError(f"{args.data_dir} holds fast-DiT's pre-extracted latents and no images, which REPA "
+                         f"(--enc-type {args.enc_type}) encodes: pass --enc-type none")
+    if args.num_classes:
+        dataset.check_classes(args.num_classes)
+    if "tokenizer" not in args.explicit:
+        args.tokenizer = dataset.autoencoder
+    return dataset
+
+
 def build_conditioner(args, dataset, device):
     """Text (captions through the text encoder, or cached embeddings) or class labels; returns (conditioner,
     the width of its caption tokens or None)."""
@@ -244,7 +270,7 @@ def build_conditioner(args, dataset, device):
         if args.num_classes == 0:
             return UnconditionalConditioner(), None
         return ClassConditioner(args.num_classes, dropout=args.cfg_prob), None
-    conditioner = TextConditioner(args.text_encoder, args.text_len, dropout=args.cfg_prob)
+    conditioner = TextConditioner(args.text_encoder, args.text_len, dropout=args.cfg_prob, clip_output=args.clip_output)
     cached = getattr(dataset, "use_text_emb", args.text_emb_dir is not None)
     if not cached or args.sample_every:
         conditioner.load(device)
@@ -267,13 +293,12 @@ def build_repa_encoders(args, resolution, device):
 
 
 def build_backbone(args, latent_shape, text_dim, z_dims):
-    """The backbone `--model` names, for latents of latent_shape, with the backbone options it takes."""
+    """The backbone `--model` names, for latents of latent_shape, with the backbone options the user set."""
     channels, height, width = latent_shape
     if height != width:
         raise ValueError(f"latents must be square, got {height}x{width}")
     factory = BACKBONES.get(args.model)
-    options = {k: getattr(args, k) for k in BACKBONE_OPTIONS}
-    options = accepted_options(factory, options, set(args.explicit), args.model)
+    options = given_options(factory, args, BACKBONE_OPTIONS, args.model)
     if z_dims:
         options.update(accepted_options(factory, {"z_dims": z_dims}, {"z_dims"}, f"{args.model} (REPA, --enc-type)"))
     elif "z_dims" in accepted_options(factory, {"z_dims": []}, set(), args.model):
@@ -282,13 +307,23 @@ def build_backbone(args, latent_shape, text_dim, z_dims):
     return factory(input_size=height, in_channels=channels, **condition, **options)
 
 
-def build_objective(args, model):
+def build_objective(args, model, dataset):
+    """The objective --objective names (default: the backbone's, with the backbone's settings for it), with the
+    objective options the user set on top; Gaussian objectives clip their predicted data to [-1, 1] in sampling
+    when the data are pixels (`--clip-denoised` / `--no-clip-denoised` to choose)."""
     name = args.objective or model.default_objective
     factory = OBJECTIVES.get(name)
-    options = accepted_options(factory, {k: getattr(args, k) for k in OBJECTIVE_OPTIONS}, set(args.explicit),
-                               f"the {name!r} objective")
-    defaults = model.objective_defaults if name == model.default_objective else {}
-    return factory(**{**defaults, **options})
+    what = f"the {name!r} objective"
+    defaults = dict(model.objective_defaults) if name == model.default_objective else {}
+    defaults.update(accepted_options(factory, {"clip_denoised": is_pixel_data(args.tokenizer, dataset)}, set(), what))
+    return factory(**{**defaults, **given_options(factory, args, OBJECTIVE_OPTIONS, what)})
+
+
+def is_pixel_data(tokenizer: str, dataset) -> bool:
+    """Whether the training data are pixels in [-1, 1] as the network sees them: the pixel tokenizer, left
+    unnormalised (latent statistics mean 0, std 1)."""
+    pixel = tokenizer == "pixel" or tokenizer.startswith("pixel:")
+    return pixel and bool((dataset.latent_mean == 0).all() and (dataset.latent_std == 1).all())
 
 
 def build_loss(args, objective):
@@ -410,7 +445,7 @@ def train(args, accelerator, exp_dir, lock):
     for note in plan.notes:
         log(f"resume: {note}")
     image, latent, *_ = dataset[0]
-    resolution = image.shape[-1]
+    resolution = getattr(dataset, "resolution", image.shape[-1])  # datasets without images state it
     latent_shape = tuple(latent.shape)
     compat.check_training_data(args, resolution, latent_shape)
     if args.control:
@@ -427,7 +462,7 @@ def train(args, accelerator, exp_dir, lock):
         model = build_backbone(args, latent_shape, text_dim, [e.z_dim for e in encoders])
         if encoders:
             check_repa_tokens(encoders, image, model, device)
-        objective = build_objective(args, model)
+        objective = build_objective(args, model, dataset)
         description = checkpoint.describe(args.model, model, objective, conditioner, args.tokenizer,
                                           (dataset.latent_mean, dataset.latent_std),
                                           {"sampler": objective.default_sampler, **model.sampling_defaults})

@@ -13,6 +13,8 @@ import torch
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
+from omegadit.options import record_preset_options
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # Command line
@@ -36,6 +38,7 @@ def parse_with_config(parser, argv=None):
                 raise ValueError(f"{config_path}: unknown key '{key}' (not a flag of this script)")
             parser.set_defaults(**{dest: value})
             actions[dest].required = False
+        record_preset_options(parser, (key.lstrip("-").replace("-", "_") for key in values))
     return parser.parse_args(argv)
 
 

@@ -6,10 +6,14 @@ U-ViT) train on the colour x shape class labels of `demo.shapes --class-labels` 
 `images_per_prompt` times with generate.py --balanced-sampling (image i is of class i mod K); the samples are
 scored with the class names as prompts, so colour and shape are scored and size and position are not.
 
-Preset keys read here besides those of the text presets: `conditioning`; `sampler` (generate.py --sampler) and
-`mode` (--mode), each passed when set, else the checkpoint's default sampler; `cfg_scale` None: the checkpoint's
-default; `shift_base` None: not passed (objectives without time shifting refuse it); `train_flags`: further
-train.py flags of the backbone's recipe.
+The U-Net presets (`data_layout` "image-folder") train straight from the class folders of `demo.shapes
+--class-folders` (data/classes/<kk>-<colour>-<shape>/), as DDPM and LDM users' ImageNet-style folders: train.py
+makes the pixel latents as it reads the images, so nothing is encoded beforehand.
+
+Preset keys read here besides those of the text presets: `conditioning`; `data_layout`; `sampler` (generate.py
+--sampler) and `mode` (--mode), each passed when set, else the checkpoint's default sampler; `cfg_scale` None: the
+checkpoint's default; `shift_base` None: not passed (objectives without time shifting refuse it); `train_flags`:
+further train.py flags of the backbone's recipe.
 """
 from demo.shapes import CLASS_NAMES
 
@@ -22,10 +26,23 @@ def is_class(s) -> bool:
     return s.get("conditioning", "text") == "class"
 
 
+def uses_image_folder(s) -> bool:
+    """Presets that train on data/classes, the image folder (see the module docstring)."""
+    return s.get("data_layout") == "image-folder"
+
+
 def data_flags(s) -> list:
-    """demo.shapes flags: the held-out combinations, --class-labels for class presets, --masks for ControlNet ones."""
+    """demo.shapes flags: the held-out combinations, --class-labels for class presets (image-folder presets:
+    --class-folders), --masks for ControlNet ones."""
     flags = [arg for combo in s["holdout"] for arg in ("--holdout", combo)]
+    if uses_image_folder(s):
+        return flags + ["--class-folders"]
     return flags + (["--class-labels"] if is_class(s) else []) + (["--masks"] if s.get("control") else [])
+
+
+def train_data_dir(s, data):
+    """train.py's --data-dir within the dataset folder `data`: the class folders or the encoded dataset."""
+    return data / "classes" if uses_image_folder(s) else data
 
 
 def data_summary(s) -> str:

@@ -53,7 +53,7 @@ PRESETS = {
     "gpu": dict(num_images=10000, resolution=64, patch=4, model="SiT-B/2", text_len=16, steps=1200, batch_size=256,
                 learning_rate=5e-4, lr_schedule="cosine", warmup_steps=100, ema_decay=0.998, shift_base=1024,
                 mixed_precision="bf16", num_workers=8, log_every=100, num_prompts=64, images_per_prompt=4, mode="sde",
-                sample_steps=50, cfg_scale=4.0, sample_batch=512),
+                sample_steps=50, cfg_scale=4.0, sample_batch=512, train_flags=("--compile-mode", "regional")),
     "tiny": dict(num_images=32, resolution=32, patch=4, model="SiT-T/2", text_len=16, steps=2, batch_size=8,
                  learning_rate=3e-4, warmup_steps=0, ema_decay=0.9, shift_base=1024, mixed_precision="no",
                  num_workers=0, log_every=1, num_prompts=4, images_per_prompt=1, mode="ode", sample_steps=2,
@@ -61,30 +61,40 @@ PRESETS = {
 }
 # Presets of the peer systems (demo/conditions.py): class-conditional on 24 colour x shape classes with nothing held
 # out, and U-ViT on the captions; each backbone's own objective and sampler (DiT: DDPM, LightningDiT: shifted
-# Euler, U-ViT: DPM-Solver) and the train_flags of its recipe. A patch holds no more values than the model is wide
-# (DiT-S/4 on pixel:4 latents, 768 values a patch through 384 channels, learned only noise): DiT-S/2 and U-ViT-S/2
-# on pixel:4 (192 values), LightningDiT-B/2 on pixel:8 (768 values, 768 wide, 4 tokens on CPU). DiT and LightningDiT
-# guide only the first 3 latent channels (right for their autoencoders), on pixel latents the red of 3 pixels in
-# 16, so their presets sample unguided (cfg_scale 1); U-ViT guides every channel at its default scale.
+# Euler, U-ViT: DPM-Solver, UNet-DDPM: ancestral DDPM, UNet-LDM: DDIM) and the train_flags of its recipe. A patch
+# holds no more values than the model is wide (DiT-S/4 on pixel:4 latents, 768 values a patch through 384 channels,
+# learned only noise): DiT-S/2 and U-ViT-S/2 on pixel:4 (192 values), LightningDiT-B/2 on pixel:8 (768 values, 768
+# wide, 4 tokens on CPU). DiT and LightningDiT guide only the first 3 latent channels (right for their
+# autoencoders), on pixel latents the red of 3 pixels in 16, so their presets sample unguided (cfg_scale 1); U-ViT
+# and the U-Nets guide every channel at their default scales (U-Nets: 3). The U-Nets train straight from the class
+# folders: DDPM on pixels (pixel:1), LDM on pixel:2 latents (the weight-free stand-in for an autoencoder's).
+# The gpu presets are sized to about 1.5 minutes each on one H100 (benchmarks/run_peer_demos_gpu.sh runs them all
+# in one 10-minute call): 8000 images, no torch.compile (its start-up costs more than it saves in 1000 steps).
 _PEER = dict(conditioning="class", holdout=(), text_len=None, shift_base=None, mode=None, sampler=None,
              cfg_scale=None, train_flags=("--cfm-coeff", 0))
 _PEER_CPU = dict(_PEER, num_images=4000, resolution=32, patch=4, batch_size=32, learning_rate=1e-3,
                  warmup_steps=50, ema_decay=0.99, mixed_precision="no", num_workers=0, log_every=25, num_prompts=16,
                  images_per_prompt=2)
-_PEER_GPU = dict(_PEER, num_images=20000, resolution=64, patch=4, steps=4000, batch_size=256, learning_rate=2e-4,
-                 warmup_steps=200, ema_decay=0.999, mixed_precision="bf16", num_workers=8, log_every=200,
-                 num_prompts=64, images_per_prompt=8, sample_steps=None)
-_LIGHTNINGDIT = ("--cfm-coeff", 0, "--weighting", "lognormal")
+_PEER_GPU = dict(_PEER, num_images=8000, resolution=64, patch=4, steps=1500, batch_size=256, learning_rate=3e-4,
+                 warmup_steps=100, ema_decay=0.999, mixed_precision="bf16", num_workers=8, log_every=100,
+                 num_prompts=32, images_per_prompt=4, sample_steps=None, train_flags=("--cfm-coeff", 0, "--no-compile"))
+_UNET = dict(data_layout="image-folder")
 PRESETS.update({
     "dit-cpu": dict(_PEER_CPU, model="DiT-S/2", steps=300, sample_steps=50, cfg_scale=1.0),
-    "lightningdit-cpu": dict(_PEER_CPU, model="LightningDiT-B/2", patch=8, steps=150, sample_steps=50, cfg_scale=1.0,
-                             train_flags=_LIGHTNINGDIT),
+    "lightningdit-cpu": dict(_PEER_CPU, model="LightningDiT-B/2", patch=8, steps=150, sample_steps=50, cfg_scale=1.0),
     "uvit-cpu": dict(_PEER_CPU, model="U-ViT-S/2", steps=150, sample_steps=25),
     "uvit-text-cpu": dict(_PEER_CPU, conditioning="text", holdout=None, model="U-ViT-S/2", text_len=16, steps=100,
                           sample_steps=25),
+    "ddpm-cpu": dict(_PEER_CPU, **_UNET, model="UNet-Tiny", patch=1, steps=150, sample_steps=50),
+    "ldm-cpu": dict(_PEER_CPU, **_UNET, model="UNet-LDM-Tiny", patch=2, steps=500, sample_steps=50),
     "dit-gpu": dict(_PEER_GPU, model="DiT-S/2", cfg_scale=1.0),
-    "lightningdit-gpu": dict(_PEER_GPU, model="LightningDiT-B/2", cfg_scale=1.0, train_flags=_LIGHTNINGDIT),
-    "uvit-gpu": dict(_PEER_GPU, model="U-ViT-S/2"),
+    "lightningdit-gpu": dict(_PEER_GPU, model="LightningDiT-B/2", patch=8, steps=1000, cfg_scale=1.0),
+    "uvit-gpu": dict(_PEER_GPU, model="U-ViT-S/2", steps=800),
+    "uvit-text-gpu": dict(_PEER_GPU, conditioning="text", holdout=None, model="U-ViT-S/2", text_len=16, steps=800,
+                          images_per_prompt=2),
+    "ddpm-gpu": dict(_PEER_GPU, **_UNET, model="UNet-DDPM-32", resolution=32, patch=1, batch_size=128, steps=800,
+                     sample_steps=250),
+    "ldm-gpu": dict(_PEER_GPU, **_UNET, model="UNet-LDM-S", batch_size=128, steps=1000, sample_steps=50),
 })
 # ControlNet presets (demo/control.py): the text SiT of the cpu preset, then a ControlNet on the silhouettes, sampled
 # on masks of new shapes with their captions. Nothing is held out; --no-compile keeps the short GPU runs short.
@@ -235,12 +245,16 @@ def make_data(s, work):
 
 
 def encode(s, work):
-    """Latents with the weight-free pixel tokenizer (space-to-depth, exactly invertible)."""
+    """Latents with the weight-free pixel tokenizer (space-to-depth, exactly invertible); image-folder presets
+    encode nothing (train.py tokenizes the images as it reads them)."""
+    side = s["resolution"] // s["patch"]
+    latents = f"pixel:{s['patch']} latents {3 * s['patch'] ** 2}x{side}x{side}"
+    if conditions.uses_image_folder(s):
+        return f"nothing to encode: train.py reads data/classes and makes the {latents} as it reads the images"
     run_tool(python_tool("preprocessing/dataset_tools.py", "encode-vavae", "--tokenizer", f"pixel:{s['patch']}",
                          "--source", work / "data" / "images", "--dest", work / "data" / "vae-in", "--gpus", 0),
              work / "logs" / "encode.log")
-    side = s["resolution"] // s["patch"]
-    return f"pixel:{s['patch']} latents {3 * s['patch'] ** 2}x{side}x{side}"
+    return latents
 
 
 def train(s, work, exp_name=EXP_NAME, steps=None, learning_rate=None, extra=()):
@@ -249,7 +263,8 @@ def train(s, work, exp_name=EXP_NAME, steps=None, learning_rate=None, extra=()):
     print("    REPA is off (--enc-type none): no DINOv2 weights are needed offline; the projection loss is 0",
           flush=True)
     steps = steps or s["steps"]
-    args = ["--exp-name", exp_name, "--output-dir", work / "exps", "--data-dir", work / "data",
+    args = ["--exp-name", exp_name, "--output-dir", work / "exps",
+            "--data-dir", conditions.train_data_dir(s, work / "data"),
             *conditions.train_flags(s), "--tokenizer", f"pixel:{s['patch']}",
             "--enc-type", "none", "--model", s["model"], "--batch-size", s["batch_size"],
             "--num-workers", s["num_workers"], "--max-train-steps", steps, "--checkpointing-steps", steps,

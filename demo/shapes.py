@@ -8,10 +8,14 @@ With --class-labels the images also get class labels for class-conditional model
 shape (8 x 3 = 24, CLASS_NAMES: "red circle", "red square", ...), size and position varying within a class. They
 are written as images/dataset.json ({"labels": [[file, class], ...]}, the layout that
 `preprocessing/dataset_tools.py encode-vavae` carries over to vae-in/dataset.json, which dataset.py reads), and
-the class names as class_names.txt (line k names class k).
+the class names as class_names.txt (line k names class k). With --class-folders the same images are also laid
+out as the ImageNet-style image folder that train.py reads directly: classes/<kk>-<colour>-<shape>/<name>.png
+(class k is the k-th folder in sorted order, as image folders number their classes).
 
     python -m demo.shapes --out demo_runs/shapes --num 2000 --holdout "red triangle" --holdout "blue circle"
     python -m demo.shapes --out demo_runs/classes --num 2000 --class-labels
+    python -m demo.shapes --out demo_runs/folders --num 2000 --class-folders
+
     python -m demo.shapes --out demo_runs/masked --num 2000 --masks
 
 With --masks every image also gets its mask, the shape's silhouette (grayscale, 255 inside, anti-aliased edges), as
@@ -190,6 +194,24 @@ def write_class_labels(out_dir, attributes):
     (out_dir / "class_names.txt").write_text("".join(name + "\n" for name in CLASS_NAMES))
 
 
+def write_class_folders(out_dir, attributes):
+    """classes/<kk>-<colour>-<shape>/<name>.png: copies of the images of {image id: attribute dict} in one folder
+    per class (all CLASS_NAMES, in their order when sorted by name), replacing an earlier classes/."""
+    root = Path(out_dir) / "classes"
+    empty = sorted(set(CLASS_NAMES) - {CLASS_NAMES[class_index(attrs)] for attrs in attributes.values()})
+    if empty:
+        raise ValueError(f"no images of the classes {', '.join(empty)} (held out, or too few images): an image "
+                         f"folder numbers its classes by their folders, so every class needs images")
+    if root.exists():
+        shutil.rmtree(root)
+    folders = [root / f"{k:02d}-{name.replace(' ', '-')}" for k, name in enumerate(CLASS_NAMES)]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    for image_id, attrs in attributes.items():
+        shutil.copyfile(Path(out_dir) / "images" / f"{image_id}.png",
+                        folders[class_index(attrs)] / f"{Path(image_id).name}.png")
+
+
 def _position_ranges(extent, position):
     half = extent / 2
     near = (half + EDGE_MARGIN, 1 / 3 - EDGE_MARGIN)
@@ -287,14 +309,15 @@ def _prompt_lines(groups, count, rng):
 
 
 def make_dataset(out_dir, num, resolution=64, seed=0, holdout=(), num_prompts=64, per_folder=1000, overwrite=False,
-                 class_labels=False, masks=False):
+                 class_labels=False, class_folders=False, masks=False):
     """Write a shapes dataset to `out_dir` and return its metadata dict.
 
     Writes images/data_XXXXXX/img_XXXXXXXX.png, labels.json ([{"id", "en"}], no held-out combination),
     holdout_prompts.txt and seen_prompts.txt (`num_prompts` captions each) and demo_meta.json; with
-    `class_labels` also images/dataset.json and class_names.txt (write_class_labels); with `masks` the silhouettes
-    masks/<id>.png and control_eval/ (`num_prompts` masks of new shapes and their captions; write_control_eval).
-    The same arguments give byte-identical files.
+    `class_labels` also images/dataset.json and class_names.txt (write_class_labels), with `class_folders` also
+    the image folder classes/ (write_class_folders); with `masks` the silhouettes masks/<id>.png and control_eval/
+    (`num_prompts` masks of new shapes and their captions; write_control_eval). The same arguments give
+    byte-identical files.
     """
     out_dir = Path(out_dir)
     image_root = out_dir / "images"
@@ -343,9 +366,11 @@ def make_dataset(out_dir, num, resolution=64, seed=0, holdout=(), num_prompts=64
         "palette": {name: list(rgb) for name, rgb in PALETTE.items()},
         "attributes": attributes,
     }
-    if class_labels:
+    if class_labels or class_folders:
         write_class_labels(out_dir, attributes)
         meta["classes"] = list(CLASS_NAMES)
+    if class_folders:
+        write_class_folders(out_dir, attributes)
     if masks:
         write_control_eval(out_dir, num_prompts, resolution, train_combos, np.random.default_rng([seed, 2]))
     (out_dir / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
@@ -370,6 +395,9 @@ def main(argv=None):
     parser.add_argument("--class-labels", action="store_true",
                         help="also write class labels (colour x shape, 24 classes) as images/dataset.json and "
                              "their names as class_names.txt")
+    parser.add_argument("--class-folders", action="store_true",
+                        help="--class-labels, and the images also in one folder per class under OUT/classes (the "
+                             "image-folder layout train.py reads directly)")
     parser.add_argument("--masks", action="store_true",
                         help="also write each image's silhouette as masks/<id>.png, and control_eval/ (masks of new "
                              "shapes with their captions) for ControlNet training and scoring")
@@ -377,7 +405,7 @@ def main(argv=None):
     start = time.perf_counter()
     make_dataset(args.out, args.num, resolution=args.resolution, seed=args.seed, holdout=args.holdout,
                  num_prompts=args.num_prompts, per_folder=args.per_folder, overwrite=args.overwrite,
-                 class_labels=args.class_labels, masks=args.masks)
+                 class_labels=args.class_labels, class_folders=args.class_folders, masks=args.masks)
     print(f"wrote {args.num} images ({args.resolution}px) to {args.out} in {time.perf_counter() - start:.1f}s")
 
 

@@ -29,6 +29,8 @@ any input size divisible by 2^(levels - 1); the name gives the resolution it was
   UNet-Tiny       32 x (1, 2), for CPU tests and demos
   UNet-LDM        after LDM's cin256 config: 192 x (1, 2, 3, 5), 2 blocks per level, cross-attention (32-channel
                   heads, one transformer layer) at the levels downsampled 2, 4, 8, a 512-d class token (~400M)
+  UNet-LDM-S      128 x (1, 2, 2), cross-attention at the levels downsampled 2 and 4, a 256-d class token
+                  (40M; not one of LDM's: the one-GPU demo preset's)
   UNet-LDM-Tiny   32 x (1, 2), a 32-d class token, for CPU tests
 """
 import torch
@@ -204,6 +206,7 @@ SIZES = {
     "UNet-Tiny": dict(block_out_channels=(32, 64), attention_levels=(1,), layers_per_block=1, dropout=0.0,
                       norm_num_groups=8),
     "UNet-LDM": dict(block_out_channels=(192, 384, 576, 960), attention_levels=(1, 2, 3), context_dim=512),
+    "UNet-LDM-S": dict(block_out_channels=(128, 256, 256), attention_levels=(1, 2), context_dim=256),
     "UNet-LDM-Tiny": dict(block_out_channels=(32, 64), attention_levels=(1,), layers_per_block=1, head_channels=16,
                           context_dim=32, norm_num_groups=8),
 }

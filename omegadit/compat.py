@@ -21,6 +21,8 @@ from typing import NamedTuple, Optional
 
 import yaml
 
+from omegadit.options import record_preset_options
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "configs"
 RECIPES = ("original", "omegadit")
@@ -162,6 +164,7 @@ def apply_recipe(parser, argv, script: str) -> Optional[str]:
             raise ValueError(f"configs/{name}.yaml: {script}: unknown key '{key}' (not a flag of {script})")
         defaults[dest] = value
     parser.set_defaults(**defaults)
+    record_preset_options(parser, defaults)
     parser.omegadit_recipe = name
     return name
 

@@ -20,7 +20,7 @@ REQUIRED_FILES = ("model.safetensors", "ema.safetensors", "training_state.pt")
 # logged). Flags in no family are treated as frozen.
 FROZEN_ON_RESUME = (
     "model", "num_classes", "qk_norm", "sprint_drop_ratio", "path_drop_prob", "projector_dim",
-    "use_json_dataset", "text_len", "batch_size", "gradient_accumulation_steps", "seed",
+    "use_json_dataset", "text_len", "clip_output", "batch_size", "gradient_accumulation_steps", "seed",
     "objective", "path_type", "weighting", "time_shifting", "shift_base", "cfg_prob", "enc_type", "proj_coeff",
     "cfm_coeff", "cfm_weighting", "ema", "control", "control_blocks", "mask_channels",
 )
@@ -31,9 +31,10 @@ APPLIED_ON_RESUME = (
     "num_workers", "enc_weights", "max_train_steps", "learning_rate", "lr_schedule", "lr_warmup_steps",
     "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "ema_decay",
     "mixed_precision", "allow_tf32", "sample_every", "sample_prompts", "num_samples", "sample_steps", "cfg_scale",
-    "guidance_low", "guidance_high", "ema_warmup", "fp8", "compile_mode", "compile_cache",
+    "guidance_low", "guidance_high", "ema_warmup", "fp8", "compile_mode", "compile_cache", "clip_denoised",
     "eval_every", "eval_ref", "eval_num_samples", "eval_batch_size", "eval_steps", "eval_sampler", "eval_cfg_scale",
-    "eval_prompts", "eval_inception_weights", "mask_dir", "mask_prefix", "image_prefix",
+    "eval_prompts", "eval_inception_weights", "eval_alignment", "eval_class_names", "mask_dir", "mask_prefix",
+    "image_prefix",
 )
 # --recipe and the original's own flags (args.original_*) act through the flags they set, which are compared.
 NOT_COMPARED = ("config", "explicit", "resume", "resume_step", "init_from", "recipe")

@@ -33,6 +33,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from json_label_dataset import IMAGE_EXTENSIONS, list_files, read_labels, to_rgb  # noqa: E402
+from models.text_encoder import CLIP_OUTPUTS  # noqa: E402
 from models.tokenizers import load_tokenizer  # noqa: E402
 from models.vavae import read_vavae_config, resolve_checkpoint  # noqa: E402
 from omegadit.files import parse_json, read_json  # noqa: E402
@@ -368,8 +369,9 @@ def _safe_id(key: str) -> str:
 
 
 def encode_text(data_dir, text_encoder: str, label_file=None, dest=None, batch_size: int = 256, device=None,
-                caption_key: str = "en", text_len: int = DEFAULT_TEXT_LEN) -> dict:
-    """Cache caption embeddings (text_len, dim) float16 as <dest>/<id>.npy (dest defaults to data_dir/text-emb)."""
+                caption_key: str = "en", text_len: int = DEFAULT_TEXT_LEN, clip_output: str = "penultimate") -> dict:
+    """Cache caption embeddings (text_len, dim) float16 as <dest>/<id>.npy (dest defaults to data_dir/text-emb);
+    clip_output: which hidden state of a CLIP text encoder (train.py --clip-output must match)."""
     label_file = label_file or os.path.join(data_dir, "labels.json")
     dest = dest or os.path.join(data_dir, "text-emb")
     captions = read_labels(label_file, caption_key)
@@ -379,7 +381,7 @@ def encode_text(data_dir, text_encoder: str, label_file=None, dest=None, batch_s
     if todo:
         from models.text_encoder import TextEncoder
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        encoder = TextEncoder.load(text_encoder, device=device, max_length=text_len)
+        encoder = TextEncoder.load(text_encoder, device=device, max_length=text_len, clip_output=clip_output)
         for start in tqdm(range(0, len(todo), batch_size), desc="encode-text"):
             keys = todo[start:start + batch_size]
             with torch.no_grad():
@@ -443,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda if available)")
     p.add_argument("--caption-key", default="en", help="caption field of labels.json entries")
     p.add_argument("--text-len", type=int, default=DEFAULT_TEXT_LEN, help="caption tokens (train.py --text-len must match)")
+    p.add_argument("--clip-output", default="penultimate", choices=CLIP_OUTPUTS,
+                   help="a CLIP encoder's penultimate or last hidden state (train.py --clip-output must match)")
 
     p = commands.add_parser("pack", help="write a dataset folder as a shard dataset (LitData chunks) for streaming")
     p.add_argument("--data-dir", required=True, help="dataset root (images/, vae-in/, labels.json or "
@@ -538,7 +542,7 @@ def run_command(args) -> int:
               f"{len(result['failed'])} failed")
     else:
         result = encode_text(args.data_dir, args.text_encoder, args.label_file, args.dest, args.batch_size,
-                             args.device, args.caption_key, args.text_len)
+                             args.device, args.caption_key, args.text_len, args.clip_output)
         print(f"encode-text: {result['encoded']} encoded, {result['skipped_existing']} already there")
     return 0
 

@@ -94,6 +94,25 @@ def test_class_labels_follow_colour_and_shape(tmp_path):
     assert not (tmp_path / "text" / "images" / "dataset.json").exists()
 
 
+def test_class_folders_give_the_class_labels_an_image_folder_reads(tmp_path):
+    """--class-folders: one folder per class, numbered as ImageFolderDataset numbers them (sorted folder names),
+    so that the labels train.py reads are the classes class_names.txt names; the U-Net presets train on them."""
+    from image_folder_dataset import ImageFolderDataset
+
+    meta = make_dataset(tmp_path, 120, resolution=16, class_folders=True, num_prompts=2)
+    dataset = ImageFolderDataset(tmp_path / "classes", "pixel:1")
+    assert dataset.num_classes_for(1000, False) == len(CLASS_NAMES) == 24
+    by_name = {f"{image_id.split('/')[-1]}.png": attrs for image_id, attrs in meta["attributes"].items()}
+    for path, label in zip(dataset.files, dataset.labels):
+        attrs = by_name[os.path.basename(path)]
+        assert CLASS_NAMES[label] == f"{attrs['colour']} {attrs['shape']}"
+    with pytest.raises(ValueError, match="no images of the classes"):
+        make_dataset(tmp_path / "few", 10, resolution=16, class_folders=True, num_prompts=2)
+    s = demo.settings_from(demo.parse_args(["--preset", "ddpm-cpu"]))
+    assert "--class-folders" in conditions.data_flags(s)
+    assert conditions.train_data_dir(s, tmp_path) == tmp_path / "classes"
+
+
 def test_class_samples_are_scored_on_the_attributes_the_class_fixes(tmp_path):
     """Rendered shapes of every class, one with the wrong colour: colour and shape are scored, size and position
     (which a class leaves free) are not."""
@@ -114,7 +133,7 @@ def test_class_presets_pass_their_conditioning_to_every_stage(tmp_path):
     assert s["holdout"] == [] and conditions.data_flags(s) == ["--class-labels"]
     flags = list(map(str, conditions.train_flags(s)))
     assert flags[:2] == ["--num-classes", "24"] and "--use-json-dataset" not in flags and "--shift-base" not in flags
-    assert flags[flags.index("--weighting") + 1] == "lognormal"
+    assert "--weighting" not in flags  # the objective's own logit-normal times (train.py passes only flags given)
     [(group, prompts, condition)] = conditions.sample_jobs(s, tmp_path)
     assert group == "classes" and prompts == tmp_path / "class_names.txt"
     assert condition[:3] == ["--balanced-sampling", "--num-fid-samples", 24 * s["images_per_prompt"]]

@@ -174,6 +174,11 @@ def test_our_recipe_file_states_the_built_in_defaults():
         assert all(recipe[k.replace("-", "_")] == v for k, v in original[script].items())
     # flags given on the command line win over the recipe
     assert train.parse_args(["--recipe", "original", "--ema", "--max-grad-norm", "2", *REQUIRED]).ema is True
+    # the values a recipe states count as set by the user, as flags do (train.py passes the options a user set to
+    # the parts that take them, and leaves the others to their defaults), even where they equal the built-in ones
+    stated = {key.replace("-", "_") for key in ours["train"]}
+    assert stated <= set(train.parse_args([*REQUIRED, "--recipe", "omegadit"]).explicit)
+    assert not stated & set(train.parse_args(REQUIRED).explicit)
 
 
 def test_recipe_is_chosen_on_the_command_line_only(tmp_path):

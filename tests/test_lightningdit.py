@@ -1,6 +1,8 @@
 """LightningDiT (models/lightningdit.py, omegadit/objectives/lightningdit.py) against hustvl/LightningDiT fixtures:
 forward, the guided Euler sample with timestep shift, its checkpoint layout, latent statistics and conventions."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -288,7 +290,7 @@ def test_objective_conventions_against_flow_matching():
     x0, noise = torch.randn(4, 3, 2, 2, generator=g), torch.randn(4, 3, 2, 2, generator=g)
     t = torch.rand(4, generator=g)
     flow, ours = Recorder(lambda x, s: torch.zeros_like(x)), Recorder(lambda x, s: torch.zeros_like(x))
-    flow_out = FlowMatching()(flow, x0, time_input=t, noise=noise)
+    flow_out = FlowMatching(time_shifting=False)(flow, x0, time_input=t, noise=noise)
     out = LightningDiTFlow()(ours, x0, time_input=t, noise=noise)
     assert torch.equal(flow.seen["x"], ours.seen["x"]) and torch.allclose(ours.seen["t"], 1 - t)
     assert torch.allclose(LightningDiTFlow().velocity(out.target, None, 0.5), flow_out.target)
@@ -333,3 +335,29 @@ def test_latent_statistics_without_std_is_a_clear_error(tmp_path):
     torch.save({"mean": torch.zeros(1, 4, 1, 1)}, path)
     with pytest.raises(ValueError, match="missing \\['std'\\]"):
         latent_normalisation(path)
+
+
+def test_train_keeps_the_objectives_own_defaults_unless_a_flag_is_given(tmp_path):
+    """train.py passes an objective only the options the user set: LightningDiT's objective keeps its logit-normal
+    times (train.py's --weighting default is 'uniform', the flow objective's), SiT's flow objective its time
+    shifting; --weighting on the command line, even at the parser's default value, or in a --config file wins."""
+    import train
+
+    base = ["--exp-name", "x", "--data-dir", "d", "--model", "LightningDiT-B/1"]
+    data = SimpleNamespace(latent_mean=torch.zeros(4, 1, 1), latent_std=torch.ones(4, 1, 1))
+    model = tiny()
+
+    def objective(*argv):
+        return train.build_objective(train.parse_args([*base, *argv]), model, data)
+
+    assert objective().weighting == "lognormal" and objective().time_shifting is False
+    assert objective("--weighting", "uniform").weighting == "uniform"
+    config = tmp_path / "run.yaml"
+    config.write_text("weighting: uniform\n")
+    assert objective("--config", str(config)).weighting == "uniform"
+    with pytest.raises(ValueError, match="does not take --shift-base"):
+        objective("--shift-base", "4096")
+    sit = SimpleNamespace(default_objective="flow", objective_defaults={})
+    flow = train.build_objective(train.parse_args(base[:4]), sit, data)
+    assert (flow.name, flow.weighting, flow.time_shifting) == ("flow", "uniform", True)
+    assert train.build_objective(train.parse_args([*base[:4], "--no-time-shifting"]), sit, data).time_shifting is False

@@ -164,3 +164,26 @@ def test_max_length_beyond_positions(tmp_path):
     _save_tiny_clip(tmp_path, text_only=True)
     with pytest.raises(ValueError, match="max_length=100"):
         TextEncoder.load(tmp_path, max_length=100)
+
+
+def test_train_clip_output_flag_reaches_the_conditioner_and_the_checkpoint(tmp_path):
+    """train.py --clip-output last: the text conditioner gives CLIP's last hidden state (U-ViT's MS-COCO models),
+    its config records it and the conditioner a checkpoint rebuilds (as generate.py does) uses it too; the
+    default stays the penultimate one."""
+    import train
+    from omegadit.conditioners import build_conditioner
+
+    text_model, tokenizer = _save_tiny_clip(tmp_path)
+    ids = tokenizer(["a red cat"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = text_model(input_ids=ids, output_hidden_states=True)
+    argv = ["--exp-name", "x", "--data-dir", "d", "--use-json-dataset", "--text-encoder", str(tmp_path),
+            "--text-len", "77"]
+    last, _ = train.build_conditioner(train.parse_args([*argv, "--clip-output", "last"]), None, "cpu")
+    assert torch.allclose(last(["a red cat"], "cpu"), out.last_hidden_state, atol=1e-5)
+    description = last.describe()
+    rebuilt = build_conditioner(description["name"], **description["config"]).load("cpu")
+    assert rebuilt.config["clip_output"] == "last"
+    assert torch.allclose(rebuilt(["a red cat"], "cpu"), out.last_hidden_state, atol=1e-5)
+    default, _ = train.build_conditioner(train.parse_args(argv), None, "cpu")
+    assert torch.allclose(default(["a red cat"], "cpu"), out.hidden_states[-2], atol=1e-5)

@@ -111,7 +111,8 @@ def test_registered_sizes_and_objective_defaults():
     assert ldm["attention_head_dim"] == [6, 12, 18, 30] and ldm["cross_attention_dim"] == 512
     tiny = BACKBONES.build("UNet-Tiny", input_size=16, in_channels=3, num_classes=2)
     objective = build_objective(tiny.default_objective, **tiny.objective_defaults)
-    assert objective.config == {"num_timesteps": 1000, "beta_schedule": "linear", "variance": "fixed_large"}
+    assert objective.config == {"num_timesteps": 1000, "beta_schedule": "linear", "variance": "fixed_large",
+                                "clip_denoised": False}
     assert objective.term_names == ("mse",)
     with pytest.raises(ValueError, match="input size 20 is not divisible by 8"):
         BACKBONES.build("UNet-DDPM-32", input_size=20, in_channels=3)
@@ -224,3 +225,40 @@ def test_checkpoint_of_another_backbone_or_config_is_refused(tmp_path, fresh_acc
     with pytest.raises(ValueError, match="not a DiT state dict"):
         generate.main(generate.parse_args(["--ckpt", str(tmp_path / "unet.safetensors"), "--ckpt-format", "dit",
                                            "--sample-dir", str(tmp_path / "s")]))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_pixel_sampling_clips_the_predicted_data(sampler):
+    """With clip_denoised (ADM's and DDPM's clip_denoised for pixels) every predicted x0 is clipped to [-1, 1], so
+    the sample (the last step's x0) is bounded; without it (latents) a network predicting no noise gives the
+    unbounded x / sqrt(abar) of pure noise."""
+    from omegadit.sampling import sample
+
+    network = lambda x, t: torch.zeros_like(x)  # noqa: E731  (eps = 0: the predicted x0 is x / sqrt(abar))
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    outputs = {clip: sample(sampler, build_objective("gaussian", variance="fixed_large", clip_denoised=clip),
+                            network, noise, 5, generator=torch.Generator().manual_seed(1))
+               for clip in (False, True)}
+    assert outputs[False].abs().max() > 5 and outputs[True].abs().max() <= 1.0
+
+
+def test_train_clips_pixel_data_only():
+    """train.py turns clip_denoised on for unnormalised pixel data and leaves it off for autoencoder latents and
+    for normalised pixel latents; --no-clip-denoised / --clip-denoised decide where given; the flow objective
+    refuses the flag."""
+    from types import SimpleNamespace
+
+    unet = SimpleNamespace(default_objective="gaussian", objective_defaults={"variance": "fixed_large"})
+    unit = SimpleNamespace(latent_mean=torch.zeros(3, 1, 1), latent_std=torch.ones(3, 1, 1))
+    scaled = SimpleNamespace(latent_mean=torch.zeros(3, 1, 1), latent_std=torch.full((3, 1, 1), 0.5))
+
+    def clips(tokenizer, data, *argv):
+        args = train.parse_args(["--exp-name", "x", "--data-dir", "d", "--tokenizer", tokenizer, *argv])
+        return train.build_objective(args, unet, data).clip_denoised
+
+    assert clips("pixel:1", unit) and not clips("pixel:1", unit, "--no-clip-denoised")
+    assert not clips("stabilityai/sd-vae-ft-ema", unit) and not clips("pixel:2", scaled)
+    assert clips("stabilityai/sd-vae-ft-ema", unit, "--clip-denoised")
+    with pytest.raises(ValueError, match="does not take --clip-denoised"):
+        train.build_objective(train.parse_args(["--exp-name", "x", "--data-dir", "d", "--clip-denoised"]),
+                              SimpleNamespace(default_objective="flow", objective_defaults={}), unit)

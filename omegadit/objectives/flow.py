@@ -54,6 +54,7 @@ class FlowMatching(Objective):
     weighting: how training times are drawn, 'uniform' U(0, 1) or 'lognormal' (sigma = exp(N(0, 1)), EDM, Karras
     et al. 2022; t = sigma / (1 + sigma) on the linear path, 2/pi atan(sigma) on the cosine path).
     time_shifting: shift times with `time_shift`, shift_dim = C*H*W of the input, in training and sampling.
+    The defaults are OmegaDiT's (train.py passes only the options given to it).
     """
 
     name = "flow"
@@ -61,7 +62,7 @@ class FlowMatching(Objective):
     default_sampler = "sde"
     term_names = ("denoise",)
 
-    def __init__(self, path_type="linear", weighting="uniform", time_shifting=False,
+    def __init__(self, path_type="linear", weighting="uniform", time_shifting=True,
                  shift_base=DEFAULT_SHIFT_BASE):
         _check_choice("path_type", path_type, PATH_TYPES)
         _check_choice("weighting", weighting, TIME_WEIGHTINGS)

@@ -209,19 +209,23 @@ class GaussianDiffusion(Objective):
 
     variance: 'learned_range' (DiT: the network outputs 2C channels, noise then variance values; terms 'mse' and
     'vb'), 'fixed_small' or 'fixed_large' (C channels; term 'mse').
+    clip_denoised: samplers clip the predicted data to [-1, 1] (`denoised`), as ADM and DDPM do for pixels; off
+    for latents, which are unbounded (train.py turns it on for unnormalised pixel data).
     """
 
     name = "gaussian"
     family = "gaussian"
     default_sampler = "ddpm"
 
-    def __init__(self, num_timesteps=1000, beta_schedule="linear", variance="learned_range"):
+    def __init__(self, num_timesteps=1000, beta_schedule="linear", variance="learned_range", clip_denoised=False):
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance {variance!r}, expected one of {VARIANCES}")
         if num_timesteps < 2:
             raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}")
-        super().__init__(num_timesteps=num_timesteps, beta_schedule=beta_schedule, variance=variance)
+        super().__init__(num_timesteps=num_timesteps, beta_schedule=beta_schedule, variance=variance,
+                         clip_denoised=clip_denoised)
         self.num_timesteps = num_timesteps
+        self.clip_denoised = clip_denoised
         self.learned_variance = variance == "learned_range"
         self.chain = DiffusionChain(named_betas(beta_schedule, num_timesteps),
                                     range(num_timesteps), num_timesteps, variance)
@@ -243,6 +247,12 @@ class GaussianDiffusion(Objective):
         if self.learned_variance:
             return output[:, :channels], output[:, channels:]
         return output, None
+
+    def denoised(self, chain: DiffusionChain, x, k, eps):
+        """The data predicted from noise prediction eps at step k of `chain`, clipped to [-1, 1] with
+        clip_denoised."""
+        x0 = chain.predict_x0(x, k, eps)
+        return x0.clamp(-1.0, 1.0) if self.clip_denoised else x0
 
     def sample_timesteps(self, batch: int, device=None, generator: Optional[torch.Generator] = None):
         """Training timesteps (N,) long, uniform over {0, .., T-1}."""

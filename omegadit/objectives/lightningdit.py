@@ -47,7 +47,7 @@ class LightningDiTFlow(FlowMatching):
     def __init__(self, weighting="lognormal", direction_loss=True, timestep_shift=RELEASED_SAMPLING["timestep_shift"]):
         if timestep_shift <= 0:
             raise ValueError(f"timestep_shift must be positive, got {timestep_shift}")
-        super().__init__(path_type="linear", weighting=weighting)
+        super().__init__(path_type="linear", weighting=weighting, time_shifting=False)
         self.config = dict(weighting=weighting, direction_loss=direction_loss, timestep_shift=timestep_shift)
         self.direction_loss = direction_loss
         self.timestep_shift = timestep_shift

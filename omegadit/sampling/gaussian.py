@@ -1,6 +1,7 @@
 """Samplers for discrete Gaussian diffusion (omegadit/objectives/gaussian.py): ancestral DDPM sampling (Ho et al.
 2020) and DDIM (Song et al. 2021, arXiv:2010.02502), on a respaced chain as in ADM (Nichol & Dhariwal 2021) and
-DiT (Peebles & Xie 2023), with no clipping of the predicted data (latents are unbounded).
+DiT (Peebles & Xie 2023). The predicted data are clipped to [-1, 1] where the objective says so (its
+`clip_denoised`, on for pixels as in ADM and DDPM; latents are unbounded).
 
 The network is a `GuidedNetwork` called with objective times: step k of the respaced chain is at
 `chain.time(k) = (original timestep + 1) / T`, which the objective's `network_time` maps back to the original
@@ -40,7 +41,7 @@ def ddpm(objective, network, noise, num_steps=250, generator: Generators = None,
     x = noise.float()
     for k in reversed(range(len(chain))):
         eps, variance_values = _predict(objective, chain, network, x, k)
-        mean = chain.posterior_mean(chain.predict_x0(x, k, eps), x, k)
+        mean = chain.posterior_mean(objective.denoised(chain, x, k, eps), x, k)
         if k > 0:
             mean = mean + torch.exp(0.5 * chain.log_variance(k, x, variance_values)) * gaussian_noise(x, generator)
         x = mean
@@ -53,12 +54,13 @@ def ddim(objective, network, noise, num_steps=50, generator: Generators = None, 
     """DDIM (Song et al. 2021, eq. 12): x_{k-1} = sqrt(abar_{k-1}) x0 + sqrt(1 - abar_{k-1} - s^2) eps + s z with
     s = eta sqrt((1 - abar_{k-1}) / (1 - abar_k)) sqrt(1 - abar_k / abar_{k-1}); eta = 0 is deterministic.
     num_steps network evaluations; the default 'stride' spacing is ADM's 'ddimN'. The update uses the noise
-    implied by x_k and the predicted x0 (equal to the prediction up to rounding) in float32, as ADM computes it."""
+    implied by x_k and the predicted x0 (equal to the prediction up to rounding, unless clipped) in float32, as
+    ADM computes it."""
     chain = respaced_chain(objective, num_steps, spacing)
     x = noise.float()
     for k in reversed(range(len(chain))):
         eps, _ = _predict(objective, chain, network, x, k)
-        x0 = chain.predict_x0(x, k, eps)
+        x0 = objective.denoised(chain, x, k, eps)
         eps = chain.predict_eps(x, k, x0)
         abar, abar_prev = gather(chain.alphas_cumprod, k, x), gather(chain.alphas_cumprod_prev, k, x)
         sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
