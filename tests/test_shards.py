@@ -193,8 +193,8 @@ def test_cached_caption_embeddings_travel_in_the_shards(text_dataset, tmp_path):
     dataset = ShardDataset(out, need_images=False, use_text_emb=None)
     key = dataset.raw_item(3)["id"]
     assert torch.equal(dataset[3][2], torch.from_numpy(np.load(emb_dir / f"{key}.npy")).float())
-    args = SimpleNamespace(use_json_dataset=True, text_encoder="unused", text_len=6, cfg_prob=0.1, clip_output="penultimate", sample_every=0,
-                           text_emb_dir=None, data_dir=str(out))
+    args = SimpleNamespace(use_json_dataset=True, text_encoder="unused", text_len=6, cfg_prob=0.1,
+                           clip_output="penultimate", sample_every=0, text_emb_dir=None, data_dir=str(out))
     assert train.build_conditioner(args, dataset, "cpu")[1] == 10  # the text encoder is never loaded
     args.text_len = 77
     with pytest.raises(ValueError, match="6 tokens but --text-len is 77"):
