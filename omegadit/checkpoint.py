@@ -118,6 +118,9 @@ def weights_file(path, use_ema: bool = True) -> Path:
         weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
         if use_ema and not weights.exists() and (path / "model.safetensors").exists():
             weights = path / "model.safetensors"
+        if not weights.exists() and (path / "sharded").is_dir():
+            raise FileNotFoundError(f"{path} holds only the shards of an --fsdp run: make one weights file with "
+                                    f"python -m omegadit.consolidate {path} OUT.safetensors")
         if not weights.exists():
             raise FileNotFoundError(f"{path} is not a train.py checkpoint directory: {weights.name} is missing")
         return weights
