@@ -123,3 +123,16 @@ def test_single_process_fsdp_without_launcher(runs, tmp_path, fresh_accelerate_s
     saved = tmp_path / "one" / "checkpoints" / "0000001"
     assert sharding.saved_parts(saved) == {"model", "optimizer"}
     assert max_difference(sharding.read_full(saved, "model"), load_file(str(saved / "model.safetensors"))) == 0
+
+
+def test_fsdp_benchmark_case_runs_on_cpu(fresh_accelerate_state, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import bench_fsdp
+
+    try:
+        result = bench_fsdp.run_case("SiT-T/2", "fsdp", True, 2, torch.device("cpu"), mixed_precision="no",
+                                     compile_model=False, warmup=1, iters=1, latent=(4, 8, 8), text=(8, 16),
+                                     repa=(16, 16))
+    finally:
+        torch.distributed.destroy_process_group()
+    assert result["img_s"] > 0 and result["mode"] == "fsdp"
