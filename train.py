@@ -37,8 +37,8 @@ BACKBONE_OPTIONS = ("qk_norm", "sprint_drop_ratio", "path_drop_prob", "projector
 OBJECTIVE_OPTIONS = ("path_type", "weighting", "time_shifting", "shift_base")
 POSITIVE = ("log_every", "checkpointing_steps", "batch_size", "max_train_steps", "gradient_accumulation_steps",
             "num_samples", "sample_steps", "text_len", "shift_base")
-NON_NEGATIVE = ("fsdp_shard_size", "keep_last", "resume_step", "num_workers", "lr_warmup_steps", "sample_every", "learning_rate",
-                "max_grad_norm", "adam_weight_decay", "adam_epsilon")
+NON_NEGATIVE = ("keep_last", "resume_step", "num_workers", "lr_warmup_steps", "sample_every", "learning_rate",
+                "max_grad_norm", "adam_weight_decay", "adam_epsilon", "fsdp_shard_size")
 FRACTIONS = ("ema_decay", "cfg_prob", "path_drop_prob", "sprint_drop_ratio", "adam_beta1", "adam_beta2")
 LOCK_FILE = "train.lock"
 
