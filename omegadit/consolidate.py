@@ -38,7 +38,11 @@ def main(argv=None):
     p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="the EMA or the raw weights")
     args = p.parse_args(argv)
-    print(f"wrote {consolidate(args.checkpoint, args.out, args.weights)}")
+    try:
+        out = consolidate(args.checkpoint, args.out, args.weights)
+    except (FileNotFoundError, ValueError) as err:
+        p.error(str(err))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
