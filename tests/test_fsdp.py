@@ -49,8 +49,9 @@ def max_difference(a, b):
 
 @pytest.fixture(scope="module")
 def runs(text_dataset, tmp_path_factory):
-    """DDP and FSDP (+ gradient checkpointing) for 3 steps from the same seed, and an FSDP run resumed at step 2
-    of the other, all on 2 processes with different data per process and 2 micro-batches per step."""
+    """DDP, FSDP (+ gradient checkpointing) and HSDP (shards of 1 process, replicated twice) for 3 steps from the
+    same seed, and an FSDP run resumed at step 2 of the other, all on 2 processes with different data per process
+    and 2 micro-batches per step."""
     tmp = tmp_path_factory.mktemp("fsdp")
     data = tmp / "data"
     shutil.copytree(text_dataset, data)
@@ -61,22 +62,28 @@ def runs(text_dataset, tmp_path_factory):
         train_argv(data, out, "ddp", "--checkpointing-steps", "3"),
         train_argv(data, out, "fsdp", *fsdp),
         train_argv(data, out, "resumed", *fsdp, "--resume", str(out / "fsdp" / "checkpoints" / "0000002")),
+        train_argv(data, out, "hsdp", "--fsdp", "--fsdp-shard-size", "1", "--checkpointing-steps", "3"),
     ], tmp)
     return out
 
 
-def test_fsdp_steps_equal_ddp_steps(runs):
-    ddp, fsdp = runs / "ddp" / "checkpoints" / "0000003", runs / "fsdp" / "checkpoints" / "0000003"
-    assert sorted(p.name for p in (fsdp / sharding.SHARDED_DIR).iterdir()) == [
-        "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
+@pytest.mark.parametrize("exp", ["fsdp", "hsdp"])
+def test_fsdp_steps_equal_ddp_steps(runs, exp):
+    ddp, fsdp = runs / "ddp" / "checkpoints" / "0000003", runs / exp / "checkpoints" / "0000003"
+    if exp == "fsdp":  # one file per process (HSDP's replicas may divide the writing differently)
+        assert sorted(p.name for p in (fsdp / sharding.SHARDED_DIR).iterdir()) == [
+            "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
     for part in ("model", "ema"):
         trained = sharding.read_full(fsdp, part)
         assert max_difference(trained, load_file(str(ddp / f"{part}.safetensors"))) <= 1e-5
-    start = sharding.read_full(runs / "fsdp" / "checkpoints" / "0000002", "model")
-    assert max_difference(sharding.read_full(fsdp, "model"), start) > 1e-4  # step 3 moved the weights
-    ddp_records, fsdp_records = metrics(runs / "ddp"), metrics(runs / "fsdp")
+    ddp_records, fsdp_records = metrics(runs / "ddp"), metrics(runs / exp)
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in fsdp_records] == pytest.approx([r[key] for r in ddp_records], rel=1e-5)
+
+
+def test_steps_moved_the_weights(runs):
+    start = sharding.read_full(runs / "fsdp" / "checkpoints" / "0000002", "model")
+    assert max_difference(sharding.read_full(runs / "fsdp" / "checkpoints" / "0000003", "model"), start) > 1e-4
 
 
 def test_resume_from_shards_repeats_the_uninterrupted_run(runs):
@@ -123,6 +130,16 @@ def test_single_process_fsdp_without_launcher(runs, tmp_path, fresh_accelerate_s
     saved = tmp_path / "one" / "checkpoints" / "0000001"
     assert sharding.saved_parts(saved) == {"model", "optimizer"}
     assert max_difference(sharding.read_full(saved, "model"), load_file(str(saved / "model.safetensors"))) == 0
+
+
+def test_one_process_resumes_the_shards_of_two(runs, tmp_path, fresh_accelerate_state):
+    saved = runs / "fsdp" / "checkpoints" / "0000002"
+    train.main(train.parse_args(train_argv(runs.parent / "data", tmp_path, "alone", "--fsdp", "--resume", str(saved),
+                                           "--learning-rate", "0", "--checkpointing-steps", "3")))
+    assert f"resumed from {saved} at step 2" in (tmp_path / "alone" / "log.txt").read_text()
+    # learning rate 0: the step leaves the weights as the 2-process shards were re-cut into one process
+    assert max_difference(sharding.read_full(tmp_path / "alone" / "checkpoints" / "0000003", "model"),
+                          sharding.read_full(saved, "model")) == 0
 
 
 def test_fsdp_benchmark_case_runs_on_cpu(fresh_accelerate_state, monkeypatch):
