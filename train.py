@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from json_label_dataset import collate
 from loss import TrainingLoss
 from models import BACKBONES, rebuild_backbone
-from omegadit import checkpoint, compat, sharding
+from omegadit import checkpoint, compat
 from omegadit.conditioners import (DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassConditioner, TextConditioner,
                                    UnconditionalConditioner)
 from omegadit.evaluation_during_training import add_eval_flags, build_evaluator
@@ -287,6 +287,7 @@ def main(args):
         print("fp16 mixed precision needs a GPU; training in float32 on this machine (--mixed-precision no)")
         args.mixed_precision = "no"
     if args.fsdp:
+        from omegadit import sharding  # needs a recent torch; runs without --fsdp do not
         sharding.check_mixed_precision(args.mixed_precision)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
                               log_with=None if args.report_to == "none" else args.report_to,
@@ -490,8 +491,9 @@ def optimizer_step(accelerator, model, ema, optimizer, scheduler, args, step):
     raw = accelerator.unwrap_model(model)
     for parameter in raw.take_unused_parameters():
         parameter.grad = None
-    grad_norm = sharding.full_tensor(accelerator.clip_grad_norm_(model.parameters(),
-                                                                 args.max_grad_norm or float("inf")))
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under --fsdp
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -503,6 +505,8 @@ def optimizer_step(accelerator, model, ema, optimizer, scheduler, args, step):
 def shard_for_training(args, model, device):
     """(model, EMA or None) sharded with FSDP2 per `shard_units`, on `device`, both starting from the main
     process's weights."""
+    from omegadit import sharding
+
     mesh = sharding.device_mesh(device, args.fsdp_shard_size)
     full = model.state_dict()
     ema = deepcopy(model).eval().requires_grad_(False) if args.ema else None
@@ -518,6 +522,8 @@ def shard_for_training(args, model, device):
 def gather_for_sampling(raw_model, ema, description, device):
     """Under --fsdp: a full copy of the EMA (or of the raw weights) in eval mode on the main process, for sample
     grids and FID; None on the others. Every process must call it."""
+    from omegadit import sharding
+
     weights = sharding.full_state_dict(raw_model if ema is None else ema)
     if not weights:
         return None

@@ -11,13 +11,12 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from omegadit import sharding
-from omegadit.checkpoint import load_weights, save_weights
+from omegadit.checkpoint import SHARDED_DIR, load_weights, save_weights
 from utils import commit_directory, rng_state, set_rng_state, write_json
 
 CHECKPOINT_NAME = re.compile(r"^\d{7}$")
 REQUIRED_FILES = ("model.safetensors", "ema.safetensors", "training_state.pt")
-SHARDED_REQUIRED = (sharding.SHARDED_DIR, "training_state.pt", "description.json")
+SHARDED_REQUIRED = (SHARDED_DIR, "training_state.pt", "description.json")
 
 # What resume does with a flag whose value differs from the checkpoint's args.json. Frozen flags define the model,
 # objective and data order being trained: a change is refused. Applied flags take their new value (and are
@@ -65,7 +64,7 @@ def checkpoint_dirs(root: Path) -> list:
 
 def is_sharded(path: Path) -> bool:
     """Whether `path` is a checkpoint of an --fsdp run (shards instead of full weights)."""
-    return (Path(path) / sharding.SHARDED_DIR).is_dir()
+    return (Path(path) / SHARDED_DIR).is_dir()
 
 
 def missing_files(path: Path) -> list:
@@ -78,6 +77,7 @@ def missing_files(path: Path) -> list:
 def holds_ema(path: Path) -> bool:
     """Whether a checkpoint holds EMA weights."""
     if is_sharded(path):
+        from omegadit import sharding
         return "ema" in sharding.saved_parts(path)
     return (Path(path) / "ema.safetensors").exists()
 
@@ -175,6 +175,7 @@ def save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, d
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     if args.fsdp:
+        from omegadit import sharding
         optimizer_state = {"param_groups": sharding.save(tmp, model, ema, optimizer)}
         full = sharding.full_state_dict(model if ema is None else ema) if args.fsdp_full_weights else None
     accelerator.wait_for_everyone()
@@ -210,11 +211,12 @@ def load_checkpoint(path, accelerator, model, ema, optimizer, scheduler) -> int:
     checkpoint without one starts from the model's weights."""
     raw = accelerator.unwrap_model(model)
     state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-    if is_sharded(path) != sharding.is_sharded_module(raw):
+    if is_sharded(path) != is_fsdp_module(raw):
         kind = "an --fsdp run (sharded)" if is_sharded(path) else "a run without --fsdp"
         raise ValueError(f"{path} is a checkpoint of {kind}: resume it the same way, or start a new experiment "
                          f"with --init-from {path}")
     if is_sharded(path):
+        from omegadit import sharding
         sharding.load(path, raw, ema, optimizer, state["optimizer"]["param_groups"])
     else:
         raw.load_state_dict(load_weights(path / "model.safetensors"))
@@ -229,6 +231,15 @@ def load_checkpoint(path, accelerator, model, ema, optimizer, scheduler) -> int:
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
     return state["step"]
+
+
+def is_fsdp_module(module) -> bool:
+    """Whether `module` was sharded by torch's fully_shard."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2 shards nothing
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def apply_optimizer_flags(optimizer, scheduler, args):

@@ -12,18 +12,23 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+
+from omegadit.checkpoint import SHARDED_DIR
+
+MIN_TORCH = (2, 9)  # fully_shard, and DCP's safetensors storage written by every process
+if tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < MIN_TORCH:
+    raise ImportError(f"--fsdp and sharded checkpoints need torch >= {'.'.join(map(str, MIN_TORCH))}; this is "
+                      f"torch {torch.__version__}")
+
+import torch.distributed as dist  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
 
-SHARDED_DIR = "sharded"
-PARTS = ("model", "ema", "optimizer")
 PARAM_DTYPES = {"no": None, "bf16": torch.bfloat16}
 
 
@@ -59,11 +64,6 @@ def shard(module, units, mesh, param_dtype=None, reshard_after_forward=True):
     return module
 
 
-def is_sharded_module(module) -> bool:
-    """Whether fully_shard was applied to `module`."""
-    return isinstance(module, FSDPModule)
-
-
 def load_full_state_dict(module, state_dict: dict):
     """Give a sharded module the full `state_dict` of the main process (ignored elsewhere), broadcast shard by
     shard: every process starts from the main process's weights, as DDP does."""
@@ -75,11 +75,6 @@ def load_full_state_dict(module, state_dict: dict):
 def full_state_dict(module) -> dict:
     """The full weights of a sharded module, on the CPU of the main process ({} elsewhere). Collective."""
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def full_tensor(value):
-    """A DTensor's full value (collective); any other value unchanged."""
-    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def _state(model, ema, optimizer) -> dict:
