@@ -56,8 +56,11 @@ def device_mesh(device: torch.device, shard_size: int = 0):
 
 def shard(module, units, mesh, param_dtype=None, reshard_after_forward=True):
     """fully_shard each of `units` (the backbone's blocks), then the rest of `module` as the root; in place.
-    `param_dtype` (e.g. bf16) is what weights are gathered and computed in; gradients are reduced in float32."""
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    `param_dtype` (e.g. bf16) is what weights are gathered and computed in; gradients are reduced in float32.
+    Inputs keep their dtype (the diffusion times stay float32): autocast, under which train.py runs the forward,
+    casts per operation as it does without FSDP."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None,
+                                  cast_forward_inputs=False)
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
