@@ -80,7 +80,7 @@ def full_state_dict(module) -> dict:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def _state(model, ema, optimizer) -> dict:
+def _state(model, ema, optimizer) -> tuple:
     """The tensors a sharded checkpoint holds, as DCP names them ('model.<fqn>', 'ema.<fqn>',
     'optimizer.<fqn>.exp_avg', ...), and the optimizer's param groups (plain values, kept beside)."""
     optimizer_state = get_optimizer_state_dict(model, optimizer)
