@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from json_label_dataset import collate
 from loss import TrainingLoss
-from models import BACKBONES
+from models import BACKBONES, rebuild_backbone
 from models.control import mask_input
 from models.text_encoder import CLIP_OUTPUTS
 from omegadit import checkpoint, compat
@@ -35,7 +35,8 @@ from omegadit.objectives import AUX_LOSSES, OBJECTIVES
 from omegadit.objectives.flow import DEFAULT_SHIFT_BASE
 from omegadit.options import accepted_options, explicit_options, given_options
 from omegadit.run_log import log_metrics, make_logger
-from omegadit.run_state import apply_optimizer_flags, load_checkpoint, load_data_state, plan_resume, save_checkpoint
+from omegadit.run_state import (apply_optimizer_flags, holds_ema, load_checkpoint, load_data_state, plan_resume,
+                                 save_checkpoint)
 from utils import ResumableBatchSampler, ema_decay_at, lr_lambda, parse_with_config, update_ema, write_json
 
 BACKBONE_OPTIONS = ("qk_norm", "sprint_drop_ratio", "path_drop_prob", "projector_dim")
@@ -43,7 +44,7 @@ OBJECTIVE_OPTIONS = ("path_type", "weighting", "time_shifting", "shift_base", "c
 POSITIVE = ("log_every", "checkpointing_steps", "batch_size", "max_train_steps", "gradient_accumulation_steps",
             "num_samples", "sample_steps", "text_len", "shift_base")
 NON_NEGATIVE = ("keep_last", "resume_step", "num_workers", "lr_warmup_steps", "sample_every", "learning_rate",
-                "max_grad_norm", "adam_weight_decay", "adam_epsilon")
+                "max_grad_norm", "adam_weight_decay", "adam_epsilon", "fsdp_shard_size")
 FRACTIONS = ("ema_decay", "cfg_prob", "path_drop_prob", "sprint_drop_ratio", "adam_beta1", "adam_beta2")
 LOCK_FILE = "train.lock"
 
@@ -121,6 +122,19 @@ def build_parser():
     g.add_argument("--gradient-accumulation-steps", type=int, default=1)
     g.add_argument("--mixed-precision", default="fp16", choices=["no", "fp16", "bf16"])
     g.add_argument("--allow-tf32", action="store_true")
+    g = p.add_argument_group("model parallelism (FSDP2: weights, gradients, optimizer and EMA sharded over processes)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the backbone block by block with torch's fully_shard; checkpoints are shards "
+                        "(python -m omegadit.consolidate makes one weights file); --mixed-precision bf16 or no")
+    g.add_argument("--fsdp-reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
+                   help="free each block's gathered weights after its forward and gather them again for the "
+                        "backward (less memory); --no-...: keep them until the backward (less communication)")
+    g.add_argument("--fsdp-shard-size", type=int, default=0,
+                   help="shard within groups of this many processes and replicate across groups (HSDP, e.g. the "
+                        "GPUs of one node); 0: shard over all processes")
+    g.add_argument("--fsdp-full-weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write the full EMA weights (the model's with --no-ema) into each checkpoint, "
+                        "gathered on the main process, so that generate.py samples the checkpoint folder directly")
     g = p.add_argument_group("objective (options apply to the objectives that take them; unset, each objective's "
                              "own defaults apply, shown here for 'flow')")
     g.add_argument("--objective", default=None, choices=OBJECTIVES.names(),
@@ -401,6 +415,9 @@ def main(args):
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         print("fp16 mixed precision needs a GPU; training in float32 on this machine (--mixed-precision no)")
         args.mixed_precision = "no"
+    if args.fsdp:
+        from omegadit import sharding  # needs a recent torch; runs without --fsdp do not
+        sharding.check_mixed_precision(args.mixed_precision)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
                               log_with=None if args.report_to == "none" else args.report_to,
                               project_dir=str(Path(args.output_dir) / args.exp_name))
@@ -473,10 +490,15 @@ def train(args, accelerator, exp_dir, lock):
     loss_fn = build_loss(args, objective)
     model.seed_training_rng(args.seed)
     model.set_gradient_checkpointing(args.gradient_checkpointing)
-    ema = deepcopy(model).to(device).eval().requires_grad_(False) if args.ema else None
-    if args.fp8:
-        log(f"FP8 training: {convert_blocks_to_float8(model)} linear layers of the blocks run in float8")
-    model.to(device).train()
+    if args.fsdp:
+        if args.fp8:
+            raise ValueError("--fp8 with --fsdp is not supported: train with one of them")
+        model, ema = shard_for_training(args, model, device)
+    else:
+        ema = deepcopy(model).to(device).eval().requires_grad_(False) if args.ema else None
+        if args.fp8:
+            log(f"FP8 training: {convert_blocks_to_float8(model)} linear layers of the blocks run in float8")
+        model.to(device).train()
     if args.enc_type == "none":
         log("REPA is off (--enc-type none): the projection loss is 0")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -501,7 +523,8 @@ def train(args, accelerator, exp_dir, lock):
         text_encoder = getattr(conditioner, "encoder", None)
         compile_for_training(model, ([text_encoder] if text_encoder is not None else []) + encoders,
                              args.compile_mode)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not args.fsdp:  # a sharded model is not wrapped again (DDP)
+        model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
     step = 0
@@ -509,7 +532,7 @@ def train(args, accelerator, exp_dir, lock):
         step = load_checkpoint(plan.path, accelerator, model, ema, optimizer, scheduler)
         apply_optimizer_flags(optimizer, scheduler, args)
         log(f"resumed from {plan.path} at step {step}")
-        if ema is not None and not (plan.path / "ema.safetensors").exists():
+        if ema is not None and not holds_ema(plan.path):
             log(f"{plan.path} holds no EMA (trained with --no-ema): the EMA starts from its weights")
     elif accelerator.is_main_process:
         exp_dir.mkdir(parents=True, exist_ok=True)
@@ -567,12 +590,19 @@ def train(args, accelerator, exp_dir, lock):
                 log_metrics(accelerator, exp_dir, record, loss_fn.term_names)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_sec']:.1f}")
                 sums, window_start, window_steps = None, time.perf_counter(), 0
-            if sampler is not None and step % args.sample_every == 0:
+            sample_due = sampler is not None and step % args.sample_every == 0
+            eval_due = evaluator is not None and step % args.eval_every == 0
+            if args.fsdp and (sample_due or eval_due):
+                sampled_ema, sampled_raw = gather_for_sampling(raw_model, ema, description, device), None
+            else:
+                sampled_ema, sampled_raw = ema, raw_model
+            if sample_due:
                 if accelerator.is_main_process:
-                    log(f"samples written to {write_samples(sampler, ema, raw_model, step, accelerator)}")
+                    log(f"samples written to {write_samples(sampler, sampled_ema, sampled_raw, step, accelerator)}")
                 accelerator.wait_for_everyone()
-            if evaluator is not None and step % args.eval_every == 0:  # FID; its time is not counted as step time
-                window_start += evaluator.run(accelerator, raw_model if ema is None else ema, step, exp_dir, log)
+            if eval_due:  # FID; its time is not counted as step time
+                window_start += evaluator.run(accelerator, sampled_raw if sampled_ema is None else sampled_ema,
+                                              step, exp_dir, log)
             if checkpoint_due:
                 last_saved = save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, description,
                                              data_state())
@@ -639,12 +669,45 @@ def optimizer_step(accelerator, model, ema, optimizer, scheduler, args, step):
     for parameter in raw.take_unused_parameters():
         parameter.grad = None
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under --fsdp
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:
         update_ema(ema, raw, ema_decay_at(step, args.ema_decay, args.ema_warmup))
     return grad_norm
+
+
+def shard_for_training(args, model, device):
+    """(model, EMA or None) sharded with FSDP2 per `shard_units`, on `device`, both starting from the main
+    process's weights."""
+    from omegadit import sharding
+
+    mesh = sharding.device_mesh(device, args.fsdp_shard_size)
+    full = model.state_dict()
+    ema = deepcopy(model).eval().requires_grad_(False) if args.ema else None
+    param_dtype = sharding.PARAM_DTYPES[args.mixed_precision]
+    sharding.shard(model, model.shard_units(), mesh, param_dtype, args.fsdp_reshard_after_forward)
+    sharding.load_full_state_dict(model, full)
+    if ema is not None:
+        sharding.shard(ema, ema.shard_units(), mesh)
+        sharding.load_full_state_dict(ema, full)
+    return model.train(), ema
+
+
+def gather_for_sampling(raw_model, ema, description, device):
+    """Under --fsdp: a full copy of the EMA (or of the raw weights) in eval mode on the main process, for sample
+    grids and FID; None on the others. Every process must call it."""
+    from omegadit import sharding
+
+    weights = sharding.full_state_dict(raw_model if ema is None else ema)
+    if not weights:
+        return None
+    backbone = description["backbone"]
+    model = rebuild_backbone(backbone["architecture"], backbone["config"])
+    checkpoint.load_state_dict_checked(model, weights, "the gathered training weights", backbone["name"])
+    return model.to(device).eval()
 
 
 def write_samples(sampler, ema, raw_model, step, accelerator):

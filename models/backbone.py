@@ -8,7 +8,8 @@ A backbone is an nn.Module with
   outputs (e.g. "repa": projector outputs for the REPA loss);
 - `conditioning`: "text", "class" or "none", and `null_condition(batch_size, device)` for guidance and dropout;
 - `latent_shape`: the (C, H, W) it denoises;
-- training hooks with working defaults: `set_gradient_checkpointing`, `compile_regions`, and a per-backbone random
+- training hooks with working defaults: `set_gradient_checkpointing`, `compile_regions`, `shard_units` (what
+  FSDP shards one by one), and a per-backbone random
   state for training-time randomness (SiT's path drop) that checkpoints save and restore;
 - `default_objective` and `objective_defaults`: the objective train.py builds unless --objective names another,
   and its constructor arguments (e.g. the fixed variance of a 'gaussian' objective).
@@ -111,6 +112,11 @@ class Backbone(nn.Module):
         if hasattr(self, "blocks") and (regional or self.gradient_checkpointing):
             return list(self.blocks)
         return [self]
+
+    def shard_units(self) -> list:
+        """Submodules that FSDP (train.py --fsdp) shards one by one, so that only one of them is gathered at a time:
+        the transformer blocks by default; the rest of the network forms one more unit."""
+        return list(getattr(self, "blocks", []))
 
     def take_unused_parameters(self) -> list:
         """Parameters that the training forwards since the last call did not use: their (zero) gradients are

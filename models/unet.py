@@ -128,6 +128,10 @@ class DiffusersUNet(Backbone):
             return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
         return [self]
 
+    def shard_units(self) -> list:
+        """The U-Net's down, middle and up blocks."""
+        return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
+
 
 @ARCHITECTURES.register("unet-ddpm")
 class UNetDDPM(DiffusersUNet):

@@ -176,6 +176,10 @@ class UViT(Backbone):
             return [*self.in_blocks, self.mid_block, *self.out_blocks]
         return [self]
 
+    def shard_units(self):
+        """Each in, middle and out block."""
+        return [*self.in_blocks, self.mid_block, *self.out_blocks]
+
     def _extra_tokens(self, t, y, dtype):
         """The tokens before the patches: [label, time] for class models, [time, context] for text models."""
         time = self.time_embed(timestep_embedding(t, self.pos_embed.shape[-1]).to(dtype)).unsqueeze(1)

@@ -39,6 +39,7 @@ from omegadit.weights_io import load_state_dict_checked, read_weights_entry
 FORMAT = 1
 META_KEY = "omegadit"
 DEFAULT_AUTOENCODER = "vavae:tokenizer/configs/vavae_f16d32_vfdinov2.yaml"
+SHARDED_DIR = "sharded"  # the shards of a train.py --fsdp checkpoint (omegadit/sharding.py)
 
 
 def describe(backbone_name: str, model, objective, conditioner, autoencoder: str, latent_stats=None,
@@ -124,6 +125,9 @@ def weights_file(path, use_ema: bool = True) -> Path:
         weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
         if use_ema and not weights.exists() and (path / "model.safetensors").exists():
             weights = path / "model.safetensors"
+        if not weights.exists() and (path / SHARDED_DIR).is_dir():
+            raise FileNotFoundError(f"{path} holds only the shards of an --fsdp run: make one weights file with "
+                                    f"python -m omegadit.consolidate {path} OUT.safetensors")
         if not weights.exists():
             raise FileNotFoundError(f"{path} is not a train.py checkpoint directory: {weights.name} is missing")
         return weights

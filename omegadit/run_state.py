@@ -1,6 +1,8 @@
 """Training checkpoints of train.py: exps/<exp>/checkpoints/<step>/ with the self-describing weights
 (model.safetensors; ema.safetensors unless the run keeps no EMA), the optimizer, schedule and per-rank random
-states, written atomically."""
+states, written atomically. Under --fsdp the weights, EMA and optimizer moments are shards written by every process
+(sharded/, omegadit/sharding.py), with the full EMA (or model) weights beside them unless
+--no-fsdp-full-weights; `python -m omegadit.consolidate` makes the single weights file from the shards."""
 import json
 import re
 import shutil
@@ -9,11 +11,12 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from omegadit.checkpoint import load_weights, save_weights
+from omegadit.checkpoint import SHARDED_DIR, load_weights, save_weights
 from utils import commit_directory, rng_state, set_rng_state, write_json
 
 CHECKPOINT_NAME = re.compile(r"^\d{7}$")
 REQUIRED_FILES = ("model.safetensors", "ema.safetensors", "training_state.pt")
+SHARDED_REQUIRED = (SHARDED_DIR, "training_state.pt", "description.json")
 
 # What resume does with a flag whose value differs from the checkpoint's args.json. Frozen flags define the model,
 # objective and data order being trained: a change is refused. Applied flags take their new value (and are
@@ -22,7 +25,7 @@ FROZEN_ON_RESUME = (
     "model", "num_classes", "qk_norm", "sprint_drop_ratio", "path_drop_prob", "projector_dim",
     "use_json_dataset", "text_len", "clip_output", "batch_size", "gradient_accumulation_steps", "seed",
     "objective", "path_type", "weighting", "time_shifting", "shift_base", "cfg_prob", "enc_type", "proj_coeff",
-    "cfm_coeff", "cfm_weighting", "ema", "control", "control_blocks", "mask_channels",
+    "cfm_coeff", "cfm_weighting", "ema", "control", "control_blocks", "mask_channels", "fsdp",
 )
 APPLIED_ON_RESUME = (
     "output_dir", "exp_name", "report_to", "log_every", "checkpointing_steps", "keep_last",
@@ -35,6 +38,7 @@ APPLIED_ON_RESUME = (
     "eval_every", "eval_ref", "eval_num_samples", "eval_batch_size", "eval_steps", "eval_sampler", "eval_cfg_scale",
     "eval_prompts", "eval_inception_weights", "eval_alignment", "eval_class_names", "mask_dir", "mask_prefix",
     "image_prefix",
+    "fsdp_reshard_after_forward", "fsdp_shard_size", "fsdp_full_weights",
 )
 # --recipe and the original's own flags (args.original_*) act through the flags they set, which are compared.
 NOT_COMPARED = ("config", "explicit", "resume", "resume_step", "init_from", "recipe")
@@ -61,9 +65,24 @@ def checkpoint_dirs(root: Path) -> list:
     return sorted(d for d in root.glob("*") if d.is_dir() and CHECKPOINT_NAME.match(d.name))
 
 
+def is_sharded(path: Path) -> bool:
+    """Whether `path` is a checkpoint of an --fsdp run (shards instead of full weights)."""
+    return (Path(path) / SHARDED_DIR).is_dir()
+
+
 def missing_files(path: Path) -> list:
     """The files of a complete checkpoint that `path` lacks."""
+    if is_sharded(path):
+        return [name for name in SHARDED_REQUIRED if not (Path(path) / name).exists()]
     return [name for name in REQUIRED_FILES if not (Path(path) / name).is_file()]
+
+
+def holds_ema(path: Path) -> bool:
+    """Whether a checkpoint holds EMA weights."""
+    if is_sharded(path):
+        from omegadit import sharding
+        return "ema" in sharding.saved_parts(path)
+    return (Path(path) / "ema.safetensors").exists()
 
 
 def complete_checkpoints(root: Path) -> list:
@@ -149,7 +168,8 @@ def rng_warnings(path: Path, num_processes: int) -> list:
 
 def save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, description, data_state=None):
     """Write exps/<exp>/checkpoints/<step> atomically (no ema.safetensors when `ema` is None); returns its path.
-    `data_state`: this process's data loader state (shard datasets), written as data_state_<rank>.json."""
+    Every process takes part (under --fsdp each writes its shards). `data_state`: this process's data loader state
+    (shard datasets), written as data_state_<rank>.json."""
     root = checkpoint_root(args)
     final = root / f"{step:07d}"
     tmp = root / f"{step:07d}.tmp"
@@ -160,15 +180,25 @@ def save_checkpoint(accelerator, args, step, model, ema, optimizer, scheduler, d
     torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     if data_state is not None:
         write_json(tmp / f"data_state_{accelerator.process_index}.json", data_state)
+    if args.fsdp:
+        from omegadit import sharding
+        optimizer_state = {"param_groups": sharding.save(tmp, model, ema, optimizer)}
+        full = sharding.full_state_dict(model if ema is None else ema) if args.fsdp_full_weights else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         raw = accelerator.unwrap_model(model)
-        save_weights(tmp / "model.safetensors", raw.state_dict(), description)
-        if ema is not None:
-            save_weights(tmp / "ema.safetensors", ema.state_dict(), description)
+        if args.fsdp:
+            write_json(tmp / "description.json", description)
+            if full is not None:
+                save_weights(tmp / ("model.safetensors" if ema is None else "ema.safetensors"), full, description)
+        else:
+            optimizer_state = optimizer.state_dict()
+            save_weights(tmp / "model.safetensors", raw.state_dict(), description)
+            if ema is not None:
+                save_weights(tmp / "ema.safetensors", ema.state_dict(), description)
         torch.save({
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "backbone_rng": raw.training_rng_state(),
             "batches_consumed": step * args.gradient_accumulation_steps,
@@ -186,12 +216,20 @@ def load_checkpoint(path, accelerator, model, ema, optimizer, scheduler) -> int:
     """Restore everything `save_checkpoint` wrote; returns the step. An EMA (`ema` not None) resumed from a
     checkpoint without one starts from the model's weights."""
     raw = accelerator.unwrap_model(model)
-    raw.load_state_dict(load_weights(path / "model.safetensors"))
-    if ema is not None:
-        has_ema = (path / "ema.safetensors").exists()
-        ema.load_state_dict(load_weights(path / "ema.safetensors") if has_ema else raw.state_dict())
     state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if is_sharded(path) != is_fsdp_module(raw):
+        kind = "an --fsdp run (sharded)" if is_sharded(path) else "a run without --fsdp"
+        raise ValueError(f"{path} is a checkpoint of {kind}: resume it the same way, or start a new experiment "
+                         f"with --init-from {path}")
+    if is_sharded(path):
+        from omegadit import sharding
+        sharding.load(path, raw, ema, optimizer, state["optimizer"]["param_groups"])
+    else:
+        raw.load_state_dict(load_weights(path / "model.safetensors"))
+        if ema is not None:
+            has_ema = (path / "ema.safetensors").exists()
+            ema.load_state_dict(load_weights(path / "ema.safetensors") if has_ema else raw.state_dict())
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     # Checkpoints written before the backbone interface kept SiT's path-drop state at the top level.
     raw.load_training_rng_state(state.get("backbone_rng", state))
@@ -205,6 +243,15 @@ def load_data_state(path, rank: int):
     """The data loader state process `rank` saved in checkpoint `path`, or None when there is none."""
     state_file = Path(path) / f"data_state_{rank}.json"
     return json.loads(state_file.read_text()) if state_file.is_file() else None
+
+
+def is_fsdp_module(module) -> bool:
+    """Whether `module` was sharded by torch's fully_shard."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2 shards nothing
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def apply_optimizer_flags(optimizer, scheduler, args):
