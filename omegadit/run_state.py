@@ -15,7 +15,7 @@ from omegadit.checkpoint import SHARDED_DIR, load_weights, save_weights
 from utils import commit_directory, rng_state, set_rng_state, write_json
 
 CHECKPOINT_NAME = re.compile(r"^\d{7}$")
-REQUIRED_FILES = ("model.safetensors", "ema.safetensors", "training_state.pt")
+REQUIRED_FILES = ("model.safetensors", "training_state.pt")  # ema.safetensors: only when the run keeps an EMA
 SHARDED_REQUIRED = (SHARDED_DIR, "training_state.pt", "description.json")
 
 # What resume does with a flag whose value differs from the checkpoint's args.json. Frozen flags define the model,

@@ -216,3 +216,14 @@ def test_non_finite_stop_without_checkpoint_says_none_exists(text_dataset, minil
     log = log_text(tmp_path / "run")
     assert "non-finite loss at or before step 2; no good checkpoint exists: this run saved none" in log
     assert "last good checkpoint" not in log
+
+
+def test_a_run_without_ema_resumes_from_its_checkpoint(text_dataset, minilm, tmp_path, fresh_accelerate_state):
+    """Checkpoints of --no-ema runs hold no ema.safetensors; they are complete, and --resume latest takes them."""
+    run_training(train_argv(text_dataset, tmp_path, minilm, "--no-ema", "--max-train-steps", "2",
+                            "--checkpointing-steps", "2"))
+    run_training(train_argv(text_dataset, tmp_path, minilm, "--no-ema", "--max-train-steps", "3",
+                            "--checkpointing-steps", "3", "--resume", "latest"))
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "checkpoints/0000002 at step 2" in log and "starting fresh" not in log
+    assert not (tmp_path / "run" / "checkpoints" / "0000003" / "ema.safetensors").exists()
