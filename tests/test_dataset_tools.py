@@ -175,9 +175,9 @@ def test_encode_text_caches_embeddings_and_skips_existing(tmp_path, monkeypatch)
         dim = 8
 
         @classmethod
-        def load(cls, model_id_or_path, device="cpu", max_length=77):
+        def load(cls, model_id_or_path, device="cpu", max_length=77, clip_output="penultimate"):
             calls["load"] += 1
-            assert model_id_or_path == "fake-clip" and str(device) == "cpu"
+            assert model_id_or_path == "fake-clip" and str(device) == "cpu" and clip_output == "penultimate"
             encoder = cls()
             encoder.max_length = max_length
             return encoder
