@@ -213,6 +213,8 @@ def check_args(parser, args):
     if args.batch_size % args.gradient_accumulation_steps:
         parser.error(f"--batch-size {args.batch_size} is not divisible by --gradient-accumulation-steps "
                      f"{args.gradient_accumulation_steps}")
+    if args.fsdp and args.fp8:
+        parser.error("--fp8 with --fsdp is not supported: train with one of them")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -491,8 +493,6 @@ def train(args, accelerator, exp_dir, lock):
     model.seed_training_rng(args.seed)
     model.set_gradient_checkpointing(args.gradient_checkpointing)
     if args.fsdp:
-        if args.fp8:
-            raise ValueError("--fp8 with --fsdp is not supported: train with one of them")
         model, ema = shard_for_training(args, model, device)
     else:
         ema = deepcopy(model).to(device).eval().requires_grad_(False) if args.ema else None

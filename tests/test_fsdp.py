@@ -153,3 +153,11 @@ def test_fsdp_benchmark_case_runs_on_cpu(fresh_accelerate_state, monkeypatch):
     finally:
         torch.distributed.destroy_process_group()
     assert result["img_s"] > 0 and result["mode"] == "fsdp"
+
+
+def test_fsdp_with_fp8_is_a_usage_error(capsys):
+    import train
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--exp-name", "x", "--data-dir", "unused", "--fsdp", "--fp8"])
+    assert "--fp8 with --fsdp is not supported" in capsys.readouterr().err
