@@ -194,7 +194,7 @@ class ImageFolderDataset(Dataset):
     (C, 1, 1) statistics that train.py records in checkpoints."""
 
     def __init__(self, data_dir, tokenizer: str = "pixel:1", device=None, batch_size: int = 64, workers: int = 0):
-        from models.tokenizers import load_tokenizer
+        from models.tokenizers import is_pixel_spec, load_tokenizer
 
         self.data_dir = str(data_dir)
         self.tokenizer_spec = tokenizer
@@ -202,7 +202,7 @@ class ImageFolderDataset(Dataset):
         self.resolution = check_image_sizes(data_dir, self.files)
         self.latents_file = None
         self._latents = None
-        if tokenizer == "pixel" or tokenizer.startswith("pixel:"):
+        if is_pixel_spec(tokenizer):
             self.pixel = load_tokenizer(tokenizer)
             if self.resolution % self.pixel.patch_size:
                 raise ValueError(f"the images of {data_dir} are {self.resolution}px, not divisible by the "

@@ -23,6 +23,7 @@ from loss import TrainingLoss
 from models import BACKBONES, rebuild_backbone
 from models.control import mask_input
 from models.text_encoder import CLIP_OUTPUTS
+from models.tokenizers import is_pixel_spec
 from omegadit import checkpoint, compat
 from omegadit.compilation import (COMPILE_MODES, compile_enabled, compile_frozen, compile_modules,
                                   use_compile_cache)
@@ -338,8 +339,7 @@ def build_objective(args, model, dataset):
 def is_pixel_data(tokenizer: str, dataset) -> bool:
     """Whether the training data are pixels in [-1, 1] as the network sees them: the pixel tokenizer, left
     unnormalised (latent statistics mean 0, std 1)."""
-    pixel = tokenizer == "pixel" or tokenizer.startswith("pixel:")
-    return pixel and bool((dataset.latent_mean == 0).all() and (dataset.latent_std == 1).all())
+    return is_pixel_spec(tokenizer) and bool((dataset.latent_mean == 0).all() and (dataset.latent_std == 1).all())
 
 
 def build_loss(args, objective):

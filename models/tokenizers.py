@@ -126,6 +126,11 @@ def _load_diffusers_autoencoder(name: str):
         f"and pass the directory, or use 'pixel' / 'vavae:<config.yaml>'.")
 
 
+def is_pixel_spec(spec: str) -> bool:
+    """Whether a tokenizer spec names the weight-free pixel tokenizer ('pixel' or 'pixel:<patch>')."""
+    return spec == "pixel" or spec.startswith("pixel:")
+
+
 def load_tokenizer(spec: str, device="cpu", ckpt_path=None):
     """Tokenizer for `spec` ('pixel', 'pixel:<patch>', 'vavae:<config.yaml>', diffusers hub id or dir).
 
@@ -133,7 +138,7 @@ def load_tokenizer(spec: str, device="cpu", ckpt_path=None):
     The returned object has encode(uint8 images) -> raw latents, decode(latents) -> uint8 images,
     and the attributes latent_channels, downsample, spec.
     """
-    if spec == "pixel" or spec.startswith("pixel:"):
+    if is_pixel_spec(spec):
         if ckpt_path:
             raise ValueError("the pixel tokenizer has no checkpoint")
         patch = spec.partition(":")[2] or "4"

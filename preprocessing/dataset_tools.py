@@ -34,7 +34,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from json_label_dataset import IMAGE_EXTENSIONS, list_files, read_labels, to_rgb  # noqa: E402
 from models.text_encoder import CLIP_OUTPUTS  # noqa: E402
-from models.tokenizers import load_tokenizer  # noqa: E402
+from models.tokenizers import is_pixel_spec, load_tokenizer  # noqa: E402
 from models.vavae import read_vavae_config, resolve_checkpoint  # noqa: E402
 from omegadit.files import parse_json, read_json  # noqa: E402
 from omegadit.conditioners import DEFAULT_TEXT_LEN  # noqa: E402
@@ -285,7 +285,7 @@ def run_shards(world, device_type, *args, posterior=None):
 def default_posterior(tokenizer: str):
     """The posterior latent a tokenizer spec encodes to by default: 'sample' for VA-VAE (what the original
     OmegaDiT stored), 'mean' for other VAEs, None for the pixel tokenizer (it has no posterior)."""
-    if tokenizer == "pixel" or tokenizer.startswith("pixel:"):
+    if is_pixel_spec(tokenizer):
         return None
     return "sample" if tokenizer.startswith("vavae:") else "mean"
 

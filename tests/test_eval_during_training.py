@@ -14,14 +14,12 @@ import torch
 from evaluations.evaluator import compute_statistics, frechet_distance, read_activations
 from evaluations.inception import load_inception
 from omegadit import evaluation_during_training as edt
-from test_inception_parity import random_pt_inception
+from test_inception_parity import pt_weights  # noqa: F401  (fixture: random FID Inception weights in a .pth)
 
 
 @pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("inception") / "pt_inception_random.pth"
-    torch.save(random_pt_inception(), path)
-    return path
+def inception_weights(pt_weights):  # noqa: F811
+    return pt_weights
 
 
 @pytest.fixture(scope="module")
