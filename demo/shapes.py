@@ -24,7 +24,9 @@ afresh (masks/NNNNNN.png) with the caption of each (prompts.txt, line i for mask
 following (evaluations/mask_iou.py).
 """
 import argparse
+import concurrent.futures
 import itertools
+import os
 import json
 import re
 import shutil
@@ -308,16 +310,38 @@ def _prompt_lines(groups, count, rng):
     return lines
 
 
+def _write_files(items, out_dir, resolution, masks):
+    """Render and save images/<id>.png (and with `masks` masks/<id>.png) of [(id, attributes)]."""
+    for image_id, attrs in items:
+        _render_image(attrs, resolution).save(out_dir / "images" / f"{image_id}.png", format="PNG")
+        if masks:
+            _render_mask(attrs, resolution).save(out_dir / "masks" / f"{image_id}.png", format="PNG")
+
+
+def render_files(items, out_dir, resolution, masks, workers):
+    """_write_files over `workers` processes (0 or 1: this one). Rendering depends on the attributes alone, so the
+    files are the same whatever the number of workers."""
+    chunk = 500
+    if workers <= 1 or len(items) <= chunk:
+        _write_files(items, out_dir, resolution, masks)
+        return
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        jobs = [pool.submit(_write_files, items[i:i + chunk], out_dir, resolution, masks)
+                for i in range(0, len(items), chunk)]
+        for job in jobs:
+            job.result()
+
+
 def make_dataset(out_dir, num, resolution=64, seed=0, holdout=(), num_prompts=64, per_folder=1000, overwrite=False,
-                 class_labels=False, class_folders=False, masks=False):
+                 class_labels=False, class_folders=False, masks=False, workers=0):
     """Write a shapes dataset to `out_dir` and return its metadata dict.
 
     Writes images/data_XXXXXX/img_XXXXXXXX.png, labels.json ([{"id", "en"}], no held-out combination),
     holdout_prompts.txt and seen_prompts.txt (`num_prompts` captions each) and demo_meta.json; with
     `class_labels` also images/dataset.json and class_names.txt (write_class_labels), with `class_folders` also
     the image folder classes/ (write_class_folders); with `masks` the silhouettes masks/<id>.png and control_eval/
-    (`num_prompts` masks of new shapes and their captions; write_control_eval). The same arguments give
-    byte-identical files.
+    (`num_prompts` masks of new shapes and their captions; write_control_eval). `workers` processes render the
+    images (0: this one). The same arguments give byte-identical files, whatever the number of workers.
     """
     out_dir = Path(out_dir)
     image_root = out_dir / "images"
@@ -341,17 +365,14 @@ def make_dataset(out_dir, num, resolution=64, seed=0, holdout=(), num_prompts=64
     for index in range(num):
         attrs = sample_attributes(rng, train_combos)
         image_id = f"data_{index // per_folder:06d}/img_{index:08d}"
-        path = image_root / f"{image_id}.png"
-        if index % per_folder == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        _render_image(attrs, resolution).save(path, format="PNG")
-        if masks:
-            mask_path = out_dir / "masks" / f"{image_id}.png"
-            mask_path.parent.mkdir(parents=True, exist_ok=True)
-            _render_mask(attrs, resolution).save(mask_path, format="PNG")
         labels.append({"id": image_id, "en": caption(attrs, rng)})
         attributes[image_id] = attrs
     image_root.mkdir(parents=True, exist_ok=True)
+    folders = {image_id.split("/")[0] for image_id in attributes}
+    for root in [image_root, *([out_dir / "masks"] if masks else [])]:
+        for folder in folders:
+            (root / folder).mkdir(parents=True, exist_ok=True)
+    render_files(list(attributes.items()), out_dir, resolution, masks, workers)
 
     prompt_rng = np.random.default_rng([seed, 1])
     held = _prompt_lines([[c for c in combos if matches(c, spec)] for spec in specs], num_prompts, prompt_rng)
@@ -401,11 +422,16 @@ def main(argv=None):
     parser.add_argument("--masks", action="store_true",
                         help="also write each image's silhouette as masks/<id>.png, and control_eval/ (masks of new "
                              "shapes with their captions) for ControlNet training and scoring")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes rendering the images (0: none)")
     args = parser.parse_args(argv)
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0 (got {args.workers})")
     start = time.perf_counter()
     make_dataset(args.out, args.num, resolution=args.resolution, seed=args.seed, holdout=args.holdout,
                  num_prompts=args.num_prompts, per_folder=args.per_folder, overwrite=args.overwrite,
-                 class_labels=args.class_labels, class_folders=args.class_folders, masks=args.masks)
+                 class_labels=args.class_labels, class_folders=args.class_folders, masks=args.masks,
+                 workers=args.workers)
     print(f"wrote {args.num} images ({args.resolution}px) to {args.out} in {time.perf_counter() - start:.1f}s")
 
 

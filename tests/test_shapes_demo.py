@@ -70,6 +70,15 @@ def test_make_dataset_is_deterministic_in_the_dataset_layout(tmp_path):
         make_dataset(tmp_path / "a", seed=0, **kwargs)
 
 
+def test_workers_write_the_same_files(tmp_path):
+    kwargs = dict(num=1100, resolution=16, num_prompts=4, per_folder=400, masks=True)
+    make_dataset(tmp_path / "one", workers=0, **kwargs)
+    make_dataset(tmp_path / "three", workers=3, **kwargs)
+    one, three = _files(tmp_path / "one"), _files(tmp_path / "three")
+    assert sum(key.startswith("masks/") for key in one) >= 1100 and sum(key.endswith(".png") for key in one) >= 2200
+    assert one == three
+
+
 def test_held_out_combinations_stay_out_of_training(tmp_path):
     holdout = ["red triangle", "blue circle", "small left"]
     specs = [parse_holdout(text) for text in holdout]
