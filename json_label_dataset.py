@@ -263,6 +263,21 @@ def collate(batch):
     return tuple(stacked + [default_collate(list(m)) for m in masks])
 
 
+class TransformConditions:
+    """DataLoader collate: `collate`'s batch with its conditions (item 2) passed through `transform`, unless they
+    are already a tensor (labels, cached caption embeddings). Picklable, for the loader's workers."""
+
+    def __init__(self, collate_fn, transform):
+        self.collate_fn = collate_fn
+        self.transform = transform
+
+    def __call__(self, batch):
+        images, latents, conditions, *masks = self.collate_fn(batch)
+        if not isinstance(conditions, torch.Tensor):
+            conditions = self.transform(conditions)
+        return (images, latents, conditions, *masks)
+
+
 class PairedLatentDataset(Dataset):
     """Images of data_dir/images and latents of data_dir/vae-in paired by id with per-id conditions.
 

@@ -18,7 +18,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from json_label_dataset import collate
+from json_label_dataset import TransformConditions, collate
 from loss import TrainingLoss
 from models import BACKBONES, rebuild_backbone
 from models.control import mask_input
@@ -540,7 +540,8 @@ def train(args, accelerator, exp_dir, lock):
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers(args.exp_name, config={k: v for k, v in vars(args).items() if v is not None})
 
-    batches, data_state = build_batches(args, dataset, accelerator, step, plan.path, log)
+    batches, data_state = build_batches(args, dataset, accelerator, step, plan.path, log,
+                                        conditioner.batch_transform())
 
     def next_micro_batch():
         images, latents, conditions, *masks = next(batches)
@@ -621,26 +622,28 @@ def train(args, accelerator, exp_dir, lock):
     log(f"done at step {step}: {step - start_step} steps in {time.perf_counter() - started:.1f}s")
 
 
-def build_batches(args, dataset, accelerator, step, resume_path, log):
+def build_batches(args, dataset, accelerator, step, resume_path, log, transform=None):
     """(endless micro-batches of this process, a function giving the loader state to checkpoint). A folder
     dataset's position is the step (ResumableBatchSampler; no state); a shard dataset's is LitData's loader state,
-    saved in each checkpoint and restored from `resume_path`."""
+    saved in each checkpoint and restored from `resume_path`. `transform` (the conditioner's batch_transform:
+    caption tokenization) runs on each batch's conditions in the loader's workers."""
     from omegadit.shards import ShardDataset
 
     micro_batch = args.batch_size // args.gradient_accumulation_steps
     pin_memory = accelerator.device.type == "cuda"
+    collate_fn = collate if transform is None else TransformConditions(collate, transform)
     if not isinstance(dataset, ShardDataset):
         batch_sampler = ResumableBatchSampler(len(dataset), micro_batch, accelerator.process_index,
                                               accelerator.num_processes, args.seed,
                                               start_batch=step * args.gradient_accumulation_steps)
-        loader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.num_workers, collate_fn=collate,
+        loader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.num_workers, collate_fn=collate_fn,
                             pin_memory=pin_memory, persistent_workers=args.num_workers > 0,
                             generator=torch.Generator().manual_seed(args.seed))
         return iter(loader), lambda: None
     if micro_batch % accelerator.num_processes:
         raise ValueError(f"--batch-size {args.batch_size} (per micro-batch {micro_batch}) is not divisible by the "
                          f"{accelerator.num_processes} processes")
-    loader = dataset.loader(micro_batch // accelerator.num_processes, args.num_workers, args.seed, collate,
+    loader = dataset.loader(micro_batch // accelerator.num_processes, args.num_workers, args.seed, collate_fn,
                             pin_memory)
     if resume_path is not None:
         state = load_data_state(resume_path, accelerator.process_index)

@@ -9,12 +9,14 @@ import contextlib
 import importlib
 import importlib.util
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from omegadit.conditioners import DEFAULT_TEXT_LEN
+from omegadit.transfer import to_device
 
 MODELSCOPE_PREFIX = "AI-ModelScope/"
 HUB_MIRRORS = {"AI-ModelScope/CLIP-GmP-ViT-L-14": "zer0int/CLIP-GmP-ViT-L-14"}
@@ -68,6 +70,21 @@ def _not_found_message(name: str, attempts: list) -> str:
     )
 
 
+class CaptionTokenizer:
+    """Captions -> {"input_ids", "attention_mask", ...} (N, max_length) CPU tensors, padded and truncated to
+    `max_length` tokens. Picklable, so that DataLoader workers tokenize a batch (json_label_dataset.TransformConditions)
+    while the training loop runs."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+
+    def __call__(self, captions) -> dict:
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        return dict(self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
+                                   return_tensors="pt"))
+
+
 class TextEncoder(nn.Module):
     """Frozen text encoder mapping a list of captions to (N, max_length, dim) token features.
 
@@ -85,6 +102,7 @@ class TextEncoder(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
+        self.tokenize = CaptionTokenizer(tokenizer, self.max_length)
         self.name = name
         self.is_clip = model.config.model_type in CLIP_MODEL_TYPES
         positions = getattr(model.config, "max_position_embeddings", None)
@@ -160,15 +178,17 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, captions) -> torch.Tensor:
-        """Encode a caption or list of captions into float32 features (N, max_length, dim)."""
-        captions = [captions] if isinstance(captions, str) else list(captions)
-        if not captions:
-            return torch.zeros(0, self.max_length, self.dim, device=self.device)
-        batch = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
-                               return_tensors="pt")
+        """Encode a caption, a list of captions or their tokens (`self.tokenize`'s output) into float32 features
+        (N, max_length, dim)."""
+        if not isinstance(captions, Mapping):
+            captions = [captions] if isinstance(captions, str) else list(captions)
+            if not captions:
+                return torch.zeros(0, self.max_length, self.dim, device=self.device)
+        batch = captions if isinstance(captions, Mapping) else self.tokenize(captions)
+        device = self.device
         if self.is_clip:
-            out = self.model(input_ids=batch["input_ids"].to(self.device), output_hidden_states=True)
+            out = self.model(input_ids=to_device(batch["input_ids"], device), output_hidden_states=True)
             features = out.hidden_states[-2] if self.clip_output == "penultimate" else out.last_hidden_state
         else:
-            features = self.model(**{k: v.to(self.device) for k, v in batch.items()}).last_hidden_state
+            features = self.model(**{k: to_device(v, device) for k, v in batch.items()}).last_hidden_state
         return features.float()

@@ -5,9 +5,12 @@ The null condition itself (a null caption embedding, a null class row) lives wit
 (`model.null_condition`); a conditioner decides which samples get it. Unconditional models ('none') get a dummy
 label per sample, so that the training loop and the samplers treat every model alike.
 """
+from collections.abc import Mapping
+
 import torch
 
 from omegadit.registry import Registry
+from omegadit.transfer import to_device
 
 CONDITIONERS = Registry("conditioner")
 DEFAULT_TEXT_ENCODER = "AI-ModelScope/CLIP-GmP-ViT-L-14"
@@ -27,6 +30,11 @@ class Conditioner:
 
     def describe(self) -> dict:
         return {"name": self.kind, "config": dict(self.config)}
+
+    def batch_transform(self):
+        """A picklable function of a batch's conditions that the DataLoader workers run, so that its CPU work is
+        done off the training loop (captions: tokenization), or None. `__call__` accepts its output."""
+        return None
 
     def drop(self, y: torch.Tensor, null: torch.Tensor, generator=None) -> torch.Tensor:
         """y with each sample replaced by `null` with probability `dropout` (training only)."""
@@ -63,14 +71,19 @@ class TextConditioner(Conditioner):
     def dim(self) -> int:
         return self.encoder.dim
 
+    def batch_transform(self):
+        """The caption tokenizer (see Conditioner.batch_transform); None before `load`."""
+        return None if self.encoder is None else self.encoder.tokenize
+
     def __call__(self, conditions, device) -> torch.Tensor:
-        """Token features of a list of captions, or cached embeddings (N, text_len, dim) moved to `device`."""
+        """Token features of a list of captions or of their tokens (`batch_transform`'s output), or cached
+        embeddings (N, text_len, dim) moved to `device`."""
         if isinstance(conditions, torch.Tensor):
-            return conditions.to(device, non_blocking=True)
+            return to_device(conditions, device)
         if self.encoder is None:
             raise RuntimeError("TextConditioner.load(device) must run before encoding captions")
         with torch.autocast(torch.device(device).type, enabled=False):
-            return self.encoder(list(conditions)).to(device)
+            return self.encoder(conditions if isinstance(conditions, Mapping) else list(conditions)).to(device)
 
 
 @CONDITIONERS.register("class")
@@ -94,7 +107,7 @@ class ClassConditioner(Conditioner):
         return labels
 
     def __call__(self, conditions, device) -> torch.Tensor:
-        return self.check(conditions).to(device=device, dtype=torch.long)
+        return to_device(self.check(conditions), device, torch.long)
 
 
 @CONDITIONERS.register("none")

@@ -187,3 +187,37 @@ def test_train_clip_output_flag_reaches_the_conditioner_and_the_checkpoint(tmp_p
     assert torch.allclose(rebuilt(["a red cat"], "cpu"), out.last_hidden_state, atol=1e-5)
     default, _ = train.build_conditioner(train.parse_args(argv), None, "cpu")
     assert torch.allclose(default(["a red cat"], "cpu"), out.hidden_states[-2], atol=1e-5)
+
+
+def test_captions_tokenized_in_loader_workers_encode_like_the_captions():
+    """train.py tokenizes captions in the DataLoader's workers (TransformConditions with the conditioner's
+    batch_transform); the tokens that come back encode to exactly the features of the captions themselves."""
+    from torch.utils.data import DataLoader
+
+    from json_label_dataset import TransformConditions, collate
+    from omegadit.conditioners import TextConditioner
+
+    conditioner = TextConditioner("minilm", text_len=16).load("cpu")
+    items = [(torch.zeros(3, 2, 2, dtype=torch.uint8), torch.full((4, 2, 2), float(i)), caption)
+             for i, caption in enumerate(CAPTIONS * 2)]
+    loader = DataLoader(items, batch_size=3, num_workers=2,
+                        collate_fn=TransformConditions(collate, conditioner.batch_transform()))
+    batches = list(loader)
+    assert len(batches) == 2
+    expected = conditioner(CAPTIONS, "cpu")
+    for _, latents, tokens in batches:
+        assert isinstance(tokens, dict) and tokens["input_ids"].shape == (3, 16)
+        torch.testing.assert_close(conditioner(tokens, "cpu"), expected, rtol=0, atol=0)
+    assert not torch.equal(conditioner(CAPTIONS[1:] + CAPTIONS[:1], "cpu"), expected)
+
+
+def test_transform_conditions_leaves_labels_and_cached_embeddings_alone():
+    from json_label_dataset import TransformConditions, collate
+
+    def refuse(conditions):
+        raise AssertionError("tensor conditions must not be transformed")
+
+    batch = [(torch.zeros(3, 2, 2, dtype=torch.uint8), torch.zeros(4, 2, 2), torch.full((5, 8), float(i)))
+             for i in range(2)]
+    _, _, conditions = TransformConditions(collate, refuse)(batch)
+    assert conditions.shape == (2, 5, 8) and conditions[1].eq(1).all()
