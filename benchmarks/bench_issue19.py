@@ -19,7 +19,8 @@ time-out does not hide the other numbers; `--only` picks some):
   48x16x16), 3 batches of 256, 50-step SDE with CFG 4 and path drop: warm-up = seconds from launch to the first
   batch's images less one steady batch, cold and warm compile cache;
 - demo_step: the gpu demo's training step (SiT-B/2, 64 px pixel latents, MiniLM-width captions, no REPA) without
-  data loading or text encoding, batch 256 and 512: what its s/step would be if the GPU were the limit.
+  data loading or text encoding, eager and compiled regionally, batch 256 and 512: what its s/step would be if
+  the GPU were the limit.
 Random weights of the real sizes, data already on the GPU, no network, no diffusers. `--smoke` runs every section
 with a tiny model, eagerly, on CPU (a check of the script itself, not a measurement).
 """
@@ -296,18 +297,19 @@ def child_xl(args):
 
 
 def child_demo_step(args):
-    """The gpu demo's training step (SiT-B/2 on 48x16x16 pixel latents, 16 MiniLM tokens, no REPA), regional
-    compile, without data loading and text encoding: img/s at batch 256 and 512."""
+    """The gpu demo's training step (SiT-B/2 on 48x16x16 pixel latents, 16 MiniLM tokens, no REPA),
+    eager and compiled regionally, without data loading and text encoding: img/s at batch 256 and 512."""
     from omegadit.compilation import use_compile_cache
 
     use_compile_cache(args.cache)
     torch.backends.cuda.matmul.allow_tf32 = True
     result = {}
-    for batch in ((SMOKE["batch"],) if args.smoke else (256, 512)):
-        step, _ = build_step(SMOKE["model"] if args.smoke else "SiT-B/2", batch, "eager" if args.smoke else "regional",
-                             smoke=args.smoke, shapes=DEMO)
-        timed_steps(step, 2 if args.smoke else 15)
-        result[f"b{batch}_img_s"] = batch / timed_steps(step, 2 if args.smoke else 30)
+    for mode in ("eager",) if args.smoke else ("eager", "regional"):
+        for batch in ((SMOKE["batch"],) if args.smoke else (256, 512)):
+            step, _ = build_step(SMOKE["model"] if args.smoke else "SiT-B/2", batch, mode, smoke=args.smoke,
+                                 shapes=DEMO)
+            timed_steps(step, 2 if args.smoke else 15)
+            result[f"{mode}_b{batch}_img_s"] = batch / timed_steps(step, 2 if args.smoke else 30)
     return result
 
 
@@ -494,8 +496,10 @@ def print_table(results):
             ("generate.py warm-up s, cold cache", "generate_cold", "warmup_s"),
             ("generate.py warm-up s, warm cache", "generate_warm", "warmup_s"),
             ("generate.py SDE-50 CFG path drop img/s", "generate_warm", "img_s"),
-            ("demo step (SiT-B/2, 64 px) b256 img/s", "demo_step", "b256_img_s"),
-            ("demo step (SiT-B/2, 64 px) b512 img/s", "demo_step", "b512_img_s")]
+            ("demo step (SiT-B/2, 64 px), eager, b256 img/s", "demo_step", "eager_b256_img_s"),
+            ("demo step (SiT-B/2, 64 px), eager, b512 img/s", "demo_step", "eager_b512_img_s"),
+            ("demo step (SiT-B/2, 64 px), regional, b256 img/s", "demo_step", "regional_b256_img_s"),
+            ("demo step (SiT-B/2, 64 px), regional, b512 img/s", "demo_step", "regional_b512_img_s")]
     for label, section, key in rows:
         print(f"| {label} | {get(section, key, '{:.4g}')} |")
     errors = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
