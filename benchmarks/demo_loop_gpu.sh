@@ -6,6 +6,7 @@
 #   cached    --text-emb-dir: caption embeddings cached by `dataset_tools.py encode-text`
 #   workers16 16 loader workers
 #   omp       OMP_NUM_THREADS unset
+#   profile   base under cProfile (OUTPUT_DIR/train.prof): where the host's time goes in the loop
 #
 #   bash benchmarks/demo_loop_gpu.sh OUTPUT_DIR [STEPS] [VARIANT ...]
 set -u
@@ -33,6 +34,7 @@ for variant in $variants; do
         cached) t python "${train[@]}" --exp-name cached --text-emb-dir "$data/text-emb" ;;
         workers16) t python "${train[@]}" --exp-name workers16 --num-workers 16 ;;
         omp) env -u OMP_NUM_THREADS python benchmarks/timed_lines.py -- python "${train[@]}" --exp-name omp ;;
+        profile) t python -m cProfile -o "$out/train.prof" "${train[@]}" --exp-name profile ;;
         *) echo "unknown variant $variant" >&2; exit 2 ;;
     esac > "$out/$variant.log" 2>&1
     echo "== $variant"

@@ -38,6 +38,7 @@ HOLDOUT = ("red triangle", "blue circle", "green square")
 MARKER = ".omegadit-demo"
 EXP_NAME = "shapes"
 RUN_FOLDERS = ("data", "exps", "samples", "logs")
+COMPILE_CACHE = "compile_cache"  # kept by --overwrite, so that a rerun compiles from a warm cache
 OPTIONAL_SETTINGS = ("lr_schedule", "sample_batch")  # preset keys with a default when absent
 ALL_GROUPS = "all"  # generate.py's output name when several prompt groups are sampled in one call
 STEP_LINE = re.compile(r"^step (\d+): .* ([\d.]+)s/step")
@@ -274,7 +275,7 @@ def train(s, work, exp_name=EXP_NAME, steps=None, learning_rate=None, extra=()):
             "--lr-schedule", s.get("lr_schedule") or ("warmup" if s["warmup_steps"] else "constant"),
             "--lr-warmup-steps", s["warmup_steps"],
             "--ema-decay", s["ema_decay"], "--mixed-precision", s["mixed_precision"],
-            "--cfg-prob", 0.1, "--seed", s["seed"], *extra]
+            "--cfg-prob", 0.1, "--seed", s["seed"], "--compile-cache", work / COMPILE_CACHE, *extra]
     gpus = visible_gpus()
     if gpus > 1:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),

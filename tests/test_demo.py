@@ -55,6 +55,37 @@ def test_refuses_a_folder_that_is_not_a_demo_run(tmp_path):
     assert (tmp_path / "thesis.tex").read_text() == "precious"
 
 
+def test_overwrite_keeps_the_compile_cache_that_train_py_is_given(tmp_path, monkeypatch):
+    demo.prepare_workdir(tmp_path)
+    for folder in ("exps", "samples", demo.COMPILE_CACHE):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "f").write_text("x")
+    demo.prepare_workdir(tmp_path, overwrite=True)
+    assert not (tmp_path / "exps").exists() and not (tmp_path / "samples").exists()
+    assert (tmp_path / demo.COMPILE_CACHE / "f").read_text() == "x"
+
+    commands = []
+    checkpoint = tmp_path / "exps" / demo.EXP_NAME / "checkpoints" / "0000002"
+
+    def record(command, log_path, show=None):
+        commands.append(list(map(str, command)))
+        checkpoint.mkdir(parents=True)
+
+    monkeypatch.setattr(demo, "run_tool", record)
+    assert demo.train(demo.settings_from(demo.parse_args(["--preset", "tiny"])), tmp_path) == checkpoint
+    [command] = commands
+    assert command[command.index("--compile-cache") + 1] == str(tmp_path / demo.COMPILE_CACHE)
+
+
+def test_gpu_preset_samples_uncompiled(tmp_path, monkeypatch):
+    commands = []
+    settings = demo.settings_from(demo.parse_args(["--preset", "gpu"]))
+    monkeypatch.setattr(demo, "run_tool", lambda command, *_, **__: commands.append(list(map(str, command))))
+    demo.generate(settings, tmp_path, tmp_path / "ckpt", "all", [])
+    assert "--no-compile" in commands[0]
+    assert "--no-compile" not in demo.conditions.train_flags(settings)
+
+
 def test_class_preset_runs_every_stage_and_scores_colour_and_shape(tmp_path):
     """dit-cpu shrunk to a few seconds: class labels written and carried to vae-in, DiT trained on them, one sample
     a class with DiT's default sampler, scored on colour and shape only."""
