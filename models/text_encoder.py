@@ -72,8 +72,8 @@ def _not_found_message(name: str, attempts: list) -> str:
 
 class CaptionTokenizer:
     """Captions -> {"input_ids", "attention_mask", ...} (N, max_length) CPU tensors, padded and truncated to
-    `max_length` tokens. Picklable, so that DataLoader workers tokenize a batch (json_label_dataset.TransformConditions)
-    while the training loop runs."""
+    `max_length` tokens. Picklable, so that DataLoader workers tokenize a batch while the training loop runs
+    (json_label_dataset.TransformConditions)."""
 
     def __init__(self, tokenizer, max_length: int):
         self.tokenizer = tokenizer
@@ -180,11 +180,13 @@ class TextEncoder(nn.Module):
     def forward(self, captions) -> torch.Tensor:
         """Encode a caption, a list of captions or their tokens (`self.tokenize`'s output) into float32 features
         (N, max_length, dim)."""
-        if not isinstance(captions, Mapping):
+        if isinstance(captions, Mapping):
+            batch = captions
+        else:
             captions = [captions] if isinstance(captions, str) else list(captions)
             if not captions:
                 return torch.zeros(0, self.max_length, self.dim, device=self.device)
-        batch = captions if isinstance(captions, Mapping) else self.tokenize(captions)
+            batch = self.tokenize(captions)
         device = self.device
         if self.is_clip:
             out = self.model(input_ids=to_device(batch["input_ids"], device), output_hidden_states=True)
