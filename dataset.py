@@ -38,8 +38,8 @@ class CustomDataset(PairedLatentDataset):
     Labels come from data_dir/vae-in/dataset.json (or data_dir/images/dataset.json when vae-in has none).
     """
 
-    def __init__(self, data_dir, stats_samples: int = 10000, stats_seed: int = 0):
-        super().__init__(data_dir, stats_samples, stats_seed)
+    def __init__(self, data_dir, stats_samples: int = 10000, stats_seed: int = 0, need_images: bool = True):
+        super().__init__(data_dir, stats_samples, stats_seed, need_images)
         candidates = [os.path.join(self.features_dir, "dataset.json"), os.path.join(self.images_dir, "dataset.json")]
         label_file = next((c for c in candidates if os.path.isfile(c)), None)
         if label_file is None:

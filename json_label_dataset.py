@@ -282,12 +282,14 @@ class PairedLatentDataset(Dataset):
     """Images of data_dir/images and latents of data_dir/vae-in paired by id with per-id conditions.
 
     Subclasses call `_setup(conditions, kind, where)`; items are (image uint8 (3, H, W),
-    normalised latent float32 (C, h, w), condition). An item that cannot be read raises DataItemError
-    naming its files.
+    normalised latent float32 (C, h, w), condition). With `need_images` False (nothing uses them: no REPA
+    encoder) the image is not decoded, which is most of an item's cost, and an empty uint8 tensor stands in for it.
+    An item that cannot be read raises DataItemError naming its files.
     """
 
-    def __init__(self, data_dir, stats_samples: int = 10000, stats_seed: int = 0):
+    def __init__(self, data_dir, stats_samples: int = 10000, stats_seed: int = 0, need_images: bool = True):
         PIL.Image.init()
+        self.need_images = need_images
         self.data_dir = str(data_dir)
         self.images_dir = os.path.join(self.data_dir, "images")
         self.features_dir = os.path.join(self.data_dir, "vae-in")
@@ -329,7 +331,7 @@ class PairedLatentDataset(Dataset):
 
     def _read_item(self, index: int):
         image_path, latent_path = self.item_files(index)[:2]
-        image = read_image(image_path)
+        image = read_image(image_path) if self.need_images else torch.zeros(0, dtype=torch.uint8)
         latent = torch.from_numpy(read_latent(latent_path)).float()
         if not torch.isfinite(latent).all():
             raise ValueError(f"{latent_path} holds NaN or infinite values")
@@ -353,8 +355,8 @@ class JsonLabelDataset(PairedLatentDataset):
     """
 
     def __init__(self, data_dir, label_file=None, text_emb_dir=None, caption_key: str = "en",
-                 stats_samples: int = 10000, stats_seed: int = 0):
-        super().__init__(data_dir, stats_samples, stats_seed)
+                 stats_samples: int = 10000, stats_seed: int = 0, need_images: bool = True):
+        super().__init__(data_dir, stats_samples, stats_seed, need_images)
         self.label_file = str(label_file or os.path.join(self.data_dir, "labels.json"))
         self.text_emb_dir = None if text_emb_dir is None else str(text_emb_dir)
         captions = read_labels(self.label_file, caption_key)

@@ -254,7 +254,8 @@ def build_image_dataset(args):
         return dataset
     if args.use_json_dataset:
         from json_label_dataset import JsonLabelDataset
-        return JsonLabelDataset(args.data_dir, label_file=args.label_file, text_emb_dir=args.text_emb_dir)
+        return JsonLabelDataset(args.data_dir, label_file=args.label_file, text_emb_dir=args.text_emb_dir,
+                                need_images=args.enc_type != "none")
     from fast_dit_dataset import FastDiTFeatures, is_fast_dit_features
     if is_fast_dit_features(args.data_dir):  # fast-DiT's extract_features.py output: SD-VAE latents x 0.18215
         return fast_dit_features(args, FastDiTFeatures(args.data_dir))
@@ -264,7 +265,7 @@ def build_image_dataset(args):
         args.num_classes = dataset.num_classes_for(args.num_classes, "num_classes" in args.explicit)
         return dataset
     from dataset import CustomDataset
-    return CustomDataset(args.data_dir)
+    return CustomDataset(args.data_dir, need_images=args.enc_type != "none")
 
 
 def fast_dit_features(args, dataset):

@@ -1,6 +1,6 @@
 """Items/s of train.py's two data paths on one synthetic dataset: the folder dataset (JsonLabelDataset through a
-DataLoader with ResumableBatchSampler) and the shard dataset (ShardLoader over LitData chunks), at several worker
-counts. The dataset is made here: --num-items captioned PNG images and float16 latents, then packed to shards.
+DataLoader with ResumableBatchSampler) and the shard dataset (ShardLoader over LitData chunks), each with the
+images decoded (REPA) and without (--enc-type none), at several worker counts. The dataset is made here: --num-items captioned PNG images and float16 latents, then packed to shards.
 
     python benchmarks/bench_loader.py --num-items 20000 --workers 4 8
     python benchmarks/bench_loader.py --num-items 512 --image-size 64 --workers 0 2 --batches 4   # a CPU check
@@ -58,16 +58,21 @@ def items_per_second(batches, batch_size: int, warmup: int, count: int) -> float
     return count * batch_size / (time.perf_counter() - start)
 
 
-def folder_batches(data_dir, batch_size: int, workers: int):
-    dataset = JsonLabelDataset(data_dir)
+def folder_batches(data_dir, batch_size: int, workers: int, need_images: bool = True):
+    dataset = JsonLabelDataset(data_dir, need_images=need_images)
     sampler = ResumableBatchSampler(len(dataset), batch_size, seed=0)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                                          persistent_workers=workers > 0)
     return iter(loader)
 
 
-def shard_batches(shard_dir, batch_size: int, workers: int):
-    return ShardDataset(shard_dir).loader(batch_size, workers, 0, collate)
+def shard_batches(shard_dir, batch_size: int, workers: int, need_images: bool = True):
+    return ShardDataset(shard_dir, need_images=need_images).loader(batch_size, workers, 0, collate)
+
+
+LOADERS = (("folder (JsonLabelDataset)", folder_batches, True), ("shards (LitData)", shard_batches, True),
+           ("folder, no images (--enc-type none)", folder_batches, False),
+           ("shards, no images (--enc-type none)", shard_batches, False))
 
 
 def main(argv=None):
@@ -97,9 +102,10 @@ def main(argv=None):
             print(f"packed to shards in {time.perf_counter() - start:.0f}s")
         rows = []
         for workers in args.workers:
-            for name, make in (("folder (JsonLabelDataset)", folder_batches), ("shards (LitData)", shard_batches)):
-                rate = items_per_second(make(data if name.startswith("folder") else shards, args.batch_size, workers),
-                                        args.batch_size, args.warmup, args.batches)
+            for name, make, images in LOADERS:
+                source = data if make is folder_batches else shards
+                rate = items_per_second(make(source, args.batch_size, workers, images), args.batch_size, args.warmup,
+                                        args.batches)
                 rows.append((name, workers, rate))
                 print(f"{name}, {workers} workers: {rate:,.0f} items/s", flush=True)
         print(f"\n{args.num_items} items: {args.image_size}px PNG, latents {tuple(args.latent_shape)} float16, "

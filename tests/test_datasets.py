@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from dataset import CustomDataset
-from json_label_dataset import (DatasetMismatchError, JsonLabelDataset, collate, compute_latent_stats, file_id,
-                                load_latent_stats, normalize_id)
+from json_label_dataset import (DataItemError, DatasetMismatchError, JsonLabelDataset, collate, compute_latent_stats,
+                                file_id, load_latent_stats, normalize_id)
 
 CHANNEL_MEAN = np.array([1.0, -2.0, 0.5, 3.0], np.float32)
 CHANNEL_STD = np.array([2.0, 0.5, 1.0, 4.0], np.float32)
@@ -228,3 +228,35 @@ def test_class_label_layout(tmp_path):
     os.remove(tmp_path / "images/00000/img00000002.png")
     with pytest.raises(DatasetMismatchError, match="1 of 6 ids have no image .*00000/00000002"):
         CustomDataset(tmp_path)
+
+
+def test_without_images_items_skip_decoding_and_keep_latents_and_conditions(tmp_path, monkeypatch):
+    entries = [("d/a", "d/a.png", "d/a.npy"), ("d/b", "d/b.png", "d/b.npy")]
+    make_text_dataset(tmp_path, entries)
+    with_images = JsonLabelDataset(tmp_path)
+    expected = [with_images[i] for i in range(2)]
+    import json_label_dataset
+
+    def refuse(path):
+        raise AssertionError(f"{path} was decoded")
+
+    monkeypatch.setattr(json_label_dataset, "read_image", refuse)
+    without = JsonLabelDataset(tmp_path, need_images=False)
+    for index in range(2):
+        image, latent, caption = without[index]
+        assert image.dtype == torch.uint8 and image.numel() == 0
+        assert torch.equal(latent, expected[index][1]) and caption == expected[index][2]
+    images, latents, captions = collate([without[0], without[1]])
+    assert images.shape == (2, 0) and latents.shape[0] == 2 and captions == ["caption of d/a", "caption of d/b"]
+    with pytest.raises(DataItemError, match="was decoded"):
+        JsonLabelDataset(tmp_path)[0]
+
+
+def test_train_reads_images_only_for_repa(tmp_path):
+    import train
+
+    make_text_dataset(tmp_path, [("d/a", "d/a.png", "d/a.npy")])
+    base = ["--exp-name", "x", "--data-dir", str(tmp_path), "--use-json-dataset",
+            "--output-dir", str(tmp_path / "exps")]
+    assert not train.build_dataset(train.parse_args([*base, "--enc-type", "none"])).need_images
+    assert train.build_dataset(train.parse_args(base)).need_images
