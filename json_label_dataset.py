@@ -321,6 +321,12 @@ class PairedLatentDataset(Dataset):
     def __len__(self):
         return len(self.ids)
 
+    @property
+    def resolution(self) -> int:
+        """Width in pixels of the first item's image, from its header (items may carry no image)."""
+        with PIL.Image.open(os.path.join(self.images_dir, self.image_fnames[0])) as image:
+            return image.size[0]
+
     def condition(self, index: int):
         raise NotImplementedError
 

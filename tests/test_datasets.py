@@ -242,6 +242,7 @@ def test_without_images_items_skip_decoding_and_keep_latents_and_conditions(tmp_
 
     monkeypatch.setattr(json_label_dataset, "read_image", refuse)
     without = JsonLabelDataset(tmp_path, need_images=False)
+    assert without.resolution == with_images.resolution == 32
     for index in range(2):
         image, latent, caption = without[index]
         assert image.dtype == torch.uint8 and image.numel() == 0
