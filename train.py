@@ -239,13 +239,15 @@ def build_dataset(args):
 
 
 def build_image_dataset(args):
+    """The dataset of --data-dir; its images are read only when REPA encodes them."""
     from omegadit.shards import ShardDataset, is_shard_dataset
+    need_images = args.enc_type != "none"
     if args.data_shards or is_shard_dataset(args.data_dir):
         if args.text_emb_dir is not None:
             raise ValueError("--text-emb-dir: shards hold their own cached caption embeddings (pack --text-emb-dir "
                              "or encode-wds --text-encoder writes them), used when they are there")
         condition = "caption" if args.use_json_dataset else "label"
-        dataset = ShardDataset(args.data_dir, condition, need_images=args.enc_type != "none",
+        dataset = ShardDataset(args.data_dir, condition, need_images=need_images,
                                use_text_emb=None if args.use_json_dataset else False)
         classes = dataset.meta.get("num_classes", 0)
         if not args.use_json_dataset and args.num_classes < classes:
@@ -255,7 +257,7 @@ def build_image_dataset(args):
     if args.use_json_dataset:
         from json_label_dataset import JsonLabelDataset
         return JsonLabelDataset(args.data_dir, label_file=args.label_file, text_emb_dir=args.text_emb_dir,
-                                need_images=args.enc_type != "none")
+                                need_images=need_images)
     from fast_dit_dataset import FastDiTFeatures, is_fast_dit_features
     if is_fast_dit_features(args.data_dir):  # fast-DiT's extract_features.py output: SD-VAE latents x 0.18215
         return fast_dit_features(args, FastDiTFeatures(args.data_dir))
@@ -265,7 +267,7 @@ def build_image_dataset(args):
         args.num_classes = dataset.num_classes_for(args.num_classes, "num_classes" in args.explicit)
         return dataset
     from dataset import CustomDataset
-    return CustomDataset(args.data_dir, need_images=args.enc_type != "none")
+    return CustomDataset(args.data_dir, need_images=need_images)
 
 
 def fast_dit_features(args, dataset):

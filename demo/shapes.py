@@ -423,7 +423,7 @@ def main(argv=None):
                         help="also write each image's silhouette as masks/<id>.png, and control_eval/ (masks of new "
                              "shapes with their captions) for ControlNet training and scoring")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="processes rendering the images (0: none)")
+                        help="processes rendering the images (default: min(8, CPU cores); 0: this one)")
     args = parser.parse_args(argv)
     if args.workers < 0:
         parser.error(f"--workers must be >= 0 (got {args.workers})")
