@@ -283,7 +283,8 @@ class PairedLatentDataset(Dataset):
 
     Subclasses call `_setup(conditions, kind, where)`; items are (image uint8 (3, H, W),
     normalised latent float32 (C, h, w), condition). With `need_images` False (nothing uses them: no REPA
-    encoder) the image is not decoded, which is most of an item's cost, and an empty uint8 tensor stands in for it.
+    encoder) the image is not decoded, which is most of an item's cost, and an empty (3, 0, 0) tensor stands in
+    (as in shard datasets).
     An item that cannot be read raises DataItemError naming its files.
     """
 
@@ -337,7 +338,7 @@ class PairedLatentDataset(Dataset):
 
     def _read_item(self, index: int):
         image_path, latent_path = self.item_files(index)[:2]
-        image = read_image(image_path) if self.need_images else torch.zeros(0, dtype=torch.uint8)
+        image = read_image(image_path) if self.need_images else torch.zeros(3, 0, 0, dtype=torch.uint8)
         latent = torch.from_numpy(read_latent(latent_path)).float()
         if not torch.isfinite(latent).all():
             raise ValueError(f"{latent_path} holds NaN or infinite values")

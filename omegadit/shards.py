@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
 
 from omegadit.data_checks import DataFileError
@@ -146,11 +145,9 @@ class LatentSums:
 
 def decode_image(data: bytes) -> torch.Tensor:
     """uint8 (3, H, W) RGB tensor of encoded image bytes."""
-    from json_label_dataset import to_rgb
+    from json_label_dataset import read_image
 
-    with PIL.Image.open(io.BytesIO(data)) as img:
-        array = np.array(to_rgb(img))
-    return torch.from_numpy(array).permute(2, 0, 1)
+    return read_image(io.BytesIO(data))
 
 
 class ItemDecoder:
@@ -196,7 +193,8 @@ class ShardDataset:
 
     condition: 'caption' or 'label'. use_text_emb: items carry the cached caption embedding instead of the caption
     (True: the shards must hold 'text_emb'; None: when they hold it; False: never). need_images: the shards must
-    hold images (REPA). Everything is checked against omegadit.json and, for a local folder, the chunk files'
+    hold images (REPA); without it stored images are not decoded (an empty (3, 0, 0) tensor stands in). Everything
+    is checked against omegadit.json and, for a local folder, the chunk files'
     sizes, before any training.
     """
 
@@ -222,15 +220,19 @@ class ShardDataset:
             raise DataFileError(f"{self.source}: {len(problems)} chunk file(s) do not match index.json:\n"
                                 + format_problems(problems))
         self.use_text_emb = use_text_emb
-        self.latent_mean = torch.tensor(self.meta["latent_mean"], dtype=torch.float32).reshape(-1, 1, 1)
-        self.latent_std = torch.tensor(self.meta["latent_std"], dtype=torch.float32).reshape(-1, 1, 1)
         self.decoder = ItemDecoder(condition, self.meta["latent_mean"], self.meta["latent_std"], use_text_emb,
-                                   self.has_images)
+                                   self.has_images and need_images)
+        self.latent_mean, self.latent_std = self.decoder.mean, self.decoder.std
         self._reader = None
 
     @property
     def captions(self):
         return _Captions(self)
+
+    @property
+    def resolution(self) -> int:
+        """Side of the stored images in pixels (0 for shards without images), whether or not items decode them."""
+        return self.meta.get("image_size") or 0
 
     def __len__(self):
         return self.meta["num_items"]

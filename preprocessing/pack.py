@@ -62,8 +62,7 @@ def pack(data_dir, out_dir, label_file=None, text_emb_dir=None, images: bool = T
     for n in tqdm(todo, desc="pack"):
         write_part(out_dir, f"{n:05d}", (folder_item(dataset, condition, i, images) for i in parts[n]),
                    chunk_bytes)
-    image, _, _ = dataset[0]
-    extra = {"condition": condition, "image_size": image.shape[-1] if images else None}
+    extra = {"condition": condition, "image_size": dataset.resolution if images else None}
     if condition == "label":
         extra["num_classes"] = max(dataset.labels) + 1
     encoding = Path(dataset.features_dir) / "encoding.json"

@@ -245,10 +245,10 @@ def test_without_images_items_skip_decoding_and_keep_latents_and_conditions(tmp_
     assert without.resolution == with_images.resolution == 32
     for index in range(2):
         image, latent, caption = without[index]
-        assert image.dtype == torch.uint8 and image.numel() == 0
+        assert image.dtype == torch.uint8 and image.shape == (3, 0, 0)
         assert torch.equal(latent, expected[index][1]) and caption == expected[index][2]
     images, latents, captions = collate([without[0], without[1]])
-    assert images.shape == (2, 0) and latents.shape[0] == 2 and captions == ["caption of d/a", "caption of d/b"]
+    assert images.shape == (2, 3, 0, 0) and latents.shape[0] == 2 and captions == ["caption of d/a", "caption of d/b"]
     with pytest.raises(DataItemError, match="was decoded"):
         JsonLabelDataset(tmp_path)[0]
 

@@ -33,6 +33,15 @@ def fingerprint(latent) -> str:
     return hashlib.sha1(latent.numpy().tobytes()).hexdigest()
 
 
+def test_items_skip_stored_images_that_nothing_uses(text_dataset, shards):
+    with_images, without = ShardDataset(shards), ShardDataset(shards, need_images=False)
+    image, latent, caption = with_images[3]
+    empty, same_latent, same_caption = without[3]
+    assert image.numel() > 0 and empty.shape == (3, 0, 0) and empty.dtype == torch.uint8
+    assert torch.equal(latent, same_latent) and caption == same_caption
+    assert without.resolution == with_images.resolution == image.shape[-1] == JsonLabelDataset(text_dataset).resolution
+
+
 def test_pack_holds_the_folder_items_and_resumes_by_part(text_dataset, shards, capsys):
     folder = JsonLabelDataset(text_dataset)
     packed = ShardDataset(shards)
