@@ -32,6 +32,10 @@ class GuidedNetwork:
         self.channels = channels
         self.model_kwargs = dict(model_kwargs or {})
         self.y_null = self._null(y_null) if scale != 1.0 else None
+        if self.y_null is not None:  # the doubled batch of the guided steps, built once for all steps
+            self.y_both = torch.cat([y, self.y_null])
+            self.kwargs_both = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v
+                                for k, v in self.model_kwargs.items()}
 
     def _null(self, y_null):
         batch = self.y.shape[0]
@@ -57,10 +61,10 @@ class GuidedNetwork:
         t_net = self.objective.network_time(torch.full((n,), t, device=x.device))
         if w == 1.0:
             return self.model(x, t_net, y=self.y, **self.model_kwargs)[0].float()
-        kwargs = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in self.model_kwargs.items()}
+        kwargs = dict(self.kwargs_both)
         if self.path_drop:
             kwargs["uncond"] = n  # the samples from n on are the unconditional half
-        out = self.model(torch.cat([x, x]), torch.cat([t_net, t_net]), y=torch.cat([self.y, self.y_null]), **kwargs)
+        out = self.model(torch.cat([x, x]), torch.cat([t_net, t_net]), y=self.y_both, **kwargs)
         cond, uncond = out[0].float().chunk(2)
         guided = uncond + w * (cond - uncond)
         if self.channels is not None:
