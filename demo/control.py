@@ -9,9 +9,7 @@ which was drawn for the caption).
 import json
 import time
 
-from demo import conditions
-from demo.run import (StageError, duration, encode, make_data, prepare_workdir, python_tool, run_tool,
-                      sampling_progress, stage, train)
+from demo.run import StageError, duration, encode, generate, make_data, prepare_workdir, stage, train
 from evaluations.alignment import format_table, load_samples, score
 from evaluations.mask_iou import load_masks, score_masks
 
@@ -30,13 +28,9 @@ def sample(s, work, base, controlnet):
     """The control_eval masks with their captions, with the ControlNet at scale 1 and at 0; {group: npz}."""
     data, outputs = work / "data" / "control_eval", {}
     for group, scale in SCALES.items():
-        run_tool(python_tool("generate.py", "--ckpt", base, "--controlnet", controlnet, "--controlnet-scale", scale,
-                             "--mask-folder", data / "masks", "--prompts-file", data / "prompts.txt",
-                             "--num-images-per-prompt", s["images_per_prompt"], "--sample-dir", work / "samples",
-                             "--name", group, *conditions.sampler_flags(s), "--global-seed", s["seed"],
-                             "--mixed-precision", "bf16" if s["mixed_precision"] == "bf16" else "no",
-                             *s.get("sample_flags", ())),
-                 work / "logs" / f"sample_{group}.log", show=sampling_progress)
+        generate(s, work, base, group, ["--controlnet", controlnet, "--controlnet-scale", scale,
+                                        "--mask-folder", data / "masks", "--prompts-file", data / "prompts.txt",
+                                        "--num-images-per-prompt", s["images_per_prompt"]])
         outputs[group] = work / "samples" / f"{group}.npz"
     return outputs
 
@@ -45,12 +39,11 @@ def evaluate(s, work, outputs):
     """Mask IoU of both groups, caption alignment of the controlled samples."""
     data = work / "data" / "control_eval"
     masks = load_masks(data / "masks")
-    scores = {group: {"mask_iou": score_masks(load_samples(npz, data / "prompts.txt")[0], masks,
-                                              s["images_per_prompt"])}
-              for group, npz in outputs.items()}
+    scores = {}
     for group, npz in outputs.items():
         images, prompts = load_samples(npz, data / "prompts.txt", s["images_per_prompt"])
-        scores[group]["caption_alignment"] = score(images, prompts)
+        scores[group] = {"mask_iou": score_masks(images, masks, s["images_per_prompt"]),
+                         "caption_alignment": score(images, prompts)}
     return scores
 
 
