@@ -5,8 +5,6 @@ The null condition itself (a null caption embedding, a null class row) lives wit
 (`model.null_condition`); a conditioner decides which samples get it. Unconditional models ('none') get a dummy
 label per sample, so that the training loop and the samplers treat every model alike.
 """
-from collections.abc import Mapping
-
 import torch
 
 from omegadit.registry import Registry
@@ -83,7 +81,7 @@ class TextConditioner(Conditioner):
         if self.encoder is None:
             raise RuntimeError("TextConditioner.load(device) must run before encoding captions")
         with torch.autocast(torch.device(device).type, enabled=False):
-            return self.encoder(conditions if isinstance(conditions, Mapping) else list(conditions)).to(device)
+            return self.encoder(conditions).to(device)
 
 
 @CONDITIONERS.register("class")
