@@ -117,6 +117,11 @@ def build(description: dict, state_dict: dict, source) -> Loaded:
                   latent_stats, description)
 
 
+def is_sharded(path) -> bool:
+    """Whether `path` is a checkpoint of an --fsdp run (shards instead of full weights)."""
+    return (Path(path) / SHARDED_DIR).is_dir()
+
+
 def weights_file(path, use_ema: bool = True) -> Path:
     """The weights file of a checkpoint directory (ema.safetensors or model.safetensors; model.safetensors when a
     run that kept no EMA wrote it) or the file itself."""
@@ -125,7 +130,7 @@ def weights_file(path, use_ema: bool = True) -> Path:
         weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
         if use_ema and not weights.exists() and (path / "model.safetensors").exists():
             weights = path / "model.safetensors"
-        if not weights.exists() and (path / SHARDED_DIR).is_dir():
+        if not weights.exists() and is_sharded(path):
             raise FileNotFoundError(f"{path} holds only the shards of an --fsdp run: make one weights file with "
                                     f"python -m omegadit.consolidate {path} OUT.safetensors")
         if not weights.exists():

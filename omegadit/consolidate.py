@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 from omegadit import sharding
-from omegadit.checkpoint import save_weights
+from omegadit.checkpoint import is_sharded, save_weights
+from omegadit.run_state import holds_ema
 
 
 def consolidate(checkpoint_dir, out, weights: str = "ema") -> Path:
@@ -18,12 +19,12 @@ def consolidate(checkpoint_dir, out, weights: str = "ema") -> Path:
     'ema' falls back to the model's weights for a run that kept no EMA. Returns `out`."""
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     description_file = checkpoint_dir / "description.json"
-    if not (checkpoint_dir / sharding.SHARDED_DIR).is_dir() or not description_file.is_file():
+    if not is_sharded(checkpoint_dir) or not description_file.is_file():
         raise FileNotFoundError(f"{checkpoint_dir} is not a sharded checkpoint of train.py --fsdp (it needs "
                                 f"{sharding.SHARDED_DIR}/ and description.json)")
     if out.suffix != ".safetensors":
         raise ValueError(f"{out}: the consolidated weights are written as .safetensors")
-    if weights == "ema" and "ema" not in sharding.saved_parts(checkpoint_dir):
+    if weights == "ema" and not holds_ema(checkpoint_dir):
         print(f"{checkpoint_dir} holds no EMA (trained with --no-ema): writing the model's weights")
         weights = "model"
     state = sharding.read_full(checkpoint_dir, weights)

@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from omegadit.checkpoint import SHARDED_DIR, load_weights, save_weights
+from omegadit.checkpoint import SHARDED_DIR, is_sharded, load_weights, save_weights
 from utils import commit_directory, rng_state, set_rng_state, write_json
 
 CHECKPOINT_NAME = re.compile(r"^\d{7}$")
@@ -63,11 +63,6 @@ def checkpoint_root(args) -> Path:
 def checkpoint_dirs(root: Path) -> list:
     """Checkpoint directories under root (complete or not), oldest first."""
     return sorted(d for d in root.glob("*") if d.is_dir() and CHECKPOINT_NAME.match(d.name))
-
-
-def is_sharded(path: Path) -> bool:
-    """Whether `path` is a checkpoint of an --fsdp run (shards instead of full weights)."""
-    return (Path(path) / SHARDED_DIR).is_dir()
 
 
 def missing_files(path: Path) -> list:
