@@ -369,13 +369,14 @@ def build_control_model(args, latent_shape, resolution, device, resume_path):
         raise ValueError(f"images of {resolution}px are not a whole multiple of the {latent_shape[-1]}px latents")
     model = build_control(base.model, num_blocks=args.control_blocks, mask_channels=args.mask_channels,
                           downsample=resolution // latent_shape[-1])
+    description = checkpoint.describe_control(base, args.init_from, model)
     if resume_path is not None:
         checkpoint.check_control_base(checkpoint.read_description(resume_path / "model.safetensors"), base.model,
-                                      args.init_from, resume_path)
+                                      args.init_from, resume_path, description["control"]["base"]["weights_sha256"])
     conditioner = base.conditioner
     if conditioner.kind == "text" and args.text_emb_dir is None:
         conditioner.load(device, args.text_encoder if "text_encoder" in args.explicit else None)
-    return model, base.objective, conditioner, checkpoint.describe_control(base, args.init_from, model)
+    return model, base.objective, conditioner, description
 
 
 def check_repa_tokens(encoders, image, model, device):

@@ -225,8 +225,9 @@ def describe_control(base: Loaded, base_path, control) -> dict:
                  "weights_sha256": weights_fingerprint(base.model), "path": str(base_path)}}}
 
 
-def check_control_base(description: dict, base_model, base_source, control_source):
-    """Refuse a base network other than the one the control branch of `description` was trained on."""
+def check_control_base(description: dict, base_model, base_source, control_source, fingerprint=None):
+    """Refuse a base network other than the one the control branch of `description` was trained on. `fingerprint`:
+    the base weights' weights_fingerprint when the caller has it already (it hashes every weight)."""
     from models.control import weights_fingerprint
 
     recorded = description["control"]["base"]
@@ -236,7 +237,7 @@ def check_control_base(description: dict, base_model, base_source, control_sourc
     if base_model.architecture != recorded["backbone"]["architecture"] or config != recorded["backbone"]["config"]:
         raise ValueError(f"{control_source} is a ControlNet of another model: it was trained on {trained_on}, "
                          f"{base_source} is a {base_model.architecture} of another configuration")
-    if weights_fingerprint(base_model) != recorded["weights_sha256"]:
+    if (fingerprint or weights_fingerprint(base_model)) != recorded["weights_sha256"]:
         raise ValueError(f"{control_source} is a ControlNet of other weights: it was trained on {trained_on}; the "
                          f"weights of {base_source} differ (another checkpoint or step of the same model)")
 
