@@ -294,13 +294,15 @@ def mask_files(args) -> list:
 
 def read_masks(files, channels: int, size: int) -> torch.Tensor:
     """uint8 (M, channels, size, size) masks; a mask of another size is an error naming it."""
-    from control_data import image_size, read_mask
+    from control_data import read_mask
 
-    wrong = [f"{path} ({'x'.join(map(str, image_size(path)))})" for path in files if image_size(path) != (size, size)]
+    masks = [read_mask(path, channels) for path in files]
+    wrong = [f"{path} ({mask.shape[-1]}x{mask.shape[-2]})" for path, mask in zip(files, masks)
+             if mask.shape[-2:] != (size, size)]
     if wrong:
         raise ValueError(f"the ControlNet takes masks of the training images' size, {size}x{size}: "
                          f"{len(wrong)} masks differ ({', '.join(wrong[:5])})")
-    return torch.stack([read_mask(path, channels) for path in files])
+    return torch.stack(masks)
 
 
 def load_model(args):

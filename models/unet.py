@@ -125,7 +125,7 @@ class DiffusersUNet(Backbone):
         """The down, middle and up blocks one by one under gradient checkpointing, else the whole network, also when
         `regional`: the U-Net's blocks all differ, so compiling them one by one would share no graph."""
         if self.gradient_checkpointing:
-            return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
+            return self.shard_units()
         return [self]
 
     def shard_units(self) -> list:

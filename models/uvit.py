@@ -173,7 +173,7 @@ class UViT(Backbone):
     def compile_regions(self, regional=True):
         """Each block on its own (regional, or under gradient checkpointing), else the whole network."""
         if regional or self.gradient_checkpointing:
-            return [*self.in_blocks, self.mid_block, *self.out_blocks]
+            return self.shard_units()
         return [self]
 
     def shard_units(self):
