@@ -243,3 +243,14 @@ def test_unet_ldm_controlnet_trains_and_samples(masked_run, tmp_path, fresh_acce
 def fresh_accelerate_state_reset():
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_generate_refuses_masks_of_another_size_naming_them(tmp_path):
+    import generate
+
+    good, bad = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("L", (16, 16), 255).save(good)
+    Image.new("L", (24, 16), 255).save(bad)
+    assert generate.read_masks([good], 1, 16).shape == (1, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"16x16: 1 masks differ .*b\.png \(24x16\)"):
+        generate.read_masks([good, bad], 1, 16)
