@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from models.control import mask_input
 from omegadit import checkpoint, compat
 from omegadit import manifest as manifests
-from omegadit.compilation import COMPILE_MODES, compile_enabled, compile_modules, use_compile_cache
+from omegadit.compilation import COMPILE_MODES, compile_backbone, compile_enabled, use_compile_cache
 from omegadit.importers import IMPORTERS
 from omegadit.prompts import read_prompts
 from omegadit.sampling import SAMPLERS, check_sampler
@@ -369,7 +369,7 @@ def main(args):
         warn_truncated(conditioner, conditions)
     if compile_enabled(args.compile, device):
         use_compile_cache(args.compile_cache or Path(args.sample_dir) / "compile_cache")
-        compile_modules(model.compile_regions(regional=args.compile_mode == "regional"))
+        compile_backbone(model, args.compile_mode)
 
     state.wait_for_everyone()  # every process has checked the folder before its manifest is written
     if state.is_main_process:

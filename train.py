@@ -25,8 +25,7 @@ from models.control import mask_input
 from models.text_encoder import CLIP_OUTPUTS
 from models.tokenizers import is_pixel_spec
 from omegadit import checkpoint, compat
-from omegadit.compilation import (COMPILE_MODES, compile_enabled, compile_frozen, compile_modules,
-                                  use_compile_cache)
+from omegadit.compilation import COMPILE_MODES, compile_backbone, compile_enabled, compile_frozen, use_compile_cache
 from omegadit.conditioners import (DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassConditioner, TextConditioner,
                                    UnconditionalConditioner)
 from omegadit.evaluation_during_training import add_eval_flags, build_evaluator
@@ -408,7 +407,7 @@ def build_sample_writer(args, dataset, conditioner, objective, latent_shape, dev
 def compile_for_training(model, frozen, mode="regional"):
     """torch.compile, in place, the regions the backbone offers and the networks inside the frozen encoders: their
     repeated blocks one by one (mode 'regional') or whole ('model'; omegadit/compilation.py)."""
-    compile_modules(model.compile_regions(regional=mode == "regional"))
+    compile_backbone(model, mode)
     for wrapper in frozen:
         compile_frozen(wrapper.model, mode)
 

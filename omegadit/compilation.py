@@ -26,6 +26,12 @@ def compile_modules(modules):
         module.compile(dynamic=False)
 
 
+def compile_backbone(backbone, mode: str):
+    """Compile a backbone in place: its blocks one by one ('regional') or its whole forward ('model'; blocks one by
+    one under gradient checkpointing, `Backbone.compile_regions`)."""
+    compile_modules(backbone.compile_regions(regional=mode == "regional"))
+
+
 def repeated_blocks(module: nn.Module) -> list:
     """The children of the longest nn.ModuleList or nn.Sequential in `module` whose children all share one class (a
     transformer's layers), or [module] itself when it has none."""
