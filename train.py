@@ -25,7 +25,8 @@ from models.control import mask_input
 from models.text_encoder import CLIP_OUTPUTS
 from models.tokenizers import is_pixel_spec
 from omegadit import checkpoint, compat
-from omegadit.compilation import COMPILE_MODES, compile_backbone, compile_enabled, compile_frozen, use_compile_cache
+from omegadit.compilation import (COMPILE_MODES, compile_backbone, compile_enabled, compile_frozen, mark_step,
+                                  use_compile_cache)
 from omegadit.conditioners import (DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_LEN, ClassConditioner, TextConditioner,
                                    UnconditionalConditioner)
 from omegadit.evaluation_during_training import add_eval_flags, build_evaluator
@@ -83,6 +84,9 @@ def build_parser():
     g.add_argument("--compile-cache", default=None,
                    help="folder of the persistent compile cache, so that the next launch starts warm "
                         "(default: <output-dir>/compile_cache; 'none': torch's temporary folder)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the compiled backbone as CUDA graphs (torch.compile 'reduce-overhead'): faster steps "
+                        "for small models whose steps wait on kernel launches; needs CUDA and compilation")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", required=True,
                    help="images/ + vae-in/, an image folder (data_root/<class>/*.png), a fast-DiT features path "
@@ -215,6 +219,20 @@ def check_args(parser, args):
                      f"{args.gradient_accumulation_steps}")
     if args.fsdp and args.fp8:
         parser.error("--fp8 with --fsdp is not supported: train with one of them")
+    if args.cuda_graphs:
+        check_cuda_graphs(parser, args)
+
+
+def check_cuda_graphs(parser, args):
+    """--cuda-graphs needs a compiled backbone on CUDA, one micro-batch per step (a graph's gradients are overwritten
+    by its next replay) and no FSDP or gradient checkpointing (both call the graphs in ways they cannot replay)."""
+    if not torch.cuda.is_available() or args.compile is False:
+        parser.error("--cuda-graphs replays compiled CUDA kernels: it needs a CUDA GPU and compilation (drop "
+                     "--no-compile)")
+    for flag, clash in (("--gradient-accumulation-steps > 1", args.gradient_accumulation_steps > 1),
+                        ("--fsdp", args.fsdp), ("--gradient-checkpointing", args.gradient_checkpointing)):
+        if clash:
+            parser.error(f"--cuda-graphs with {flag} is not supported: drop one of them")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -404,10 +422,11 @@ def build_sample_writer(args, dataset, conditioner, objective, latent_shape, dev
                         cfg_scale=args.cfg_scale, interval=(args.guidance_low, args.guidance_high))
 
 
-def compile_for_training(model, frozen, mode="regional"):
+def compile_for_training(model, frozen, mode="regional", cuda_graphs=False):
     """torch.compile, in place, the regions the backbone offers and the networks inside the frozen encoders: their
-    repeated blocks one by one (mode 'regional') or whole ('model'; omegadit/compilation.py)."""
-    compile_backbone(model, mode)
+    repeated blocks one by one (mode 'regional') or whole ('model'; omegadit/compilation.py); the backbone's
+    regions replayed as CUDA graphs with `cuda_graphs`."""
+    compile_backbone(model, mode, cuda_graphs)
     for wrapper in frozen:
         compile_frozen(wrapper.model, mode)
 
@@ -522,10 +541,11 @@ def train(args, accelerator, exp_dir, lock):
 
     if compile_enabled(args.compile, device):
         cache = use_compile_cache(args.compile_cache or Path(args.output_dir) / "compile_cache")
-        log(f"torch.compile ({args.compile_mode}); compile cache: {cache or 'torch default'}")
+        log(f"torch.compile ({args.compile_mode}{', CUDA graphs' if args.cuda_graphs else ''}); compile cache: "
+            f"{cache or 'torch default'}")
         text_encoder = getattr(conditioner, "encoder", None)
         compile_for_training(model, ([text_encoder] if text_encoder is not None else []) + encoders,
-                             args.compile_mode)
+                             args.compile_mode, args.cuda_graphs)
     if not args.fsdp:  # a sharded model is not wrapped again (DDP)
         model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
@@ -571,6 +591,7 @@ def train(args, accelerator, exp_dir, lock):
             for micro in range(args.gradient_accumulation_steps):
                 latents, model_kwargs, targets = next_micro_batch()
                 sync = micro == args.gradient_accumulation_steps - 1
+                mark_step(args.cuda_graphs)
                 parts = forward_backward(accelerator, model, loss_fn, latents, model_kwargs, targets, args, sync)
                 sums = parts if sums is None else sums + parts
                 non_finite |= ~torch.isfinite(parts[0])

@@ -8,6 +8,10 @@ between the blocks run eagerly.
 The compile cache is Inductor's on-disk cache (FX graphs, AOT-autograd graphs, Triton kernels, autotuning), pointed
 at a folder that outlives the process (`TORCHINDUCTOR_CACHE_DIR`, which also holds Triton's kernels), so that a
 second launch reuses the first one's compiled code.
+
+CUDA graphs (`cuda_graphs=True`, torch.compile's "reduce-overhead" mode) record each compiled region's kernels once
+and replay them with one launch: for small models whose steps wait on the host's kernel launches rather than on the
+GPU. A training loop using them marks each step's start (`mark_step`).
 """
 import os
 from pathlib import Path
@@ -19,17 +23,24 @@ COMPILE_MODES = ("regional", "model")
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
-def compile_modules(modules):
+def compile_modules(modules, cuda_graphs=False):
     """torch.compile each module in place with static shapes (a new input shape gets its own graph rather than a
-    dynamic-shape one, which would replace the static kernels of the shapes already seen)."""
+    dynamic-shape one, which would replace the static kernels of the shapes already seen); with `cuda_graphs`,
+    replayed as CUDA graphs."""
     for module in modules:
-        module.compile(dynamic=False)
+        module.compile(dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
 
 
-def compile_backbone(backbone, mode: str):
+def compile_backbone(backbone, mode: str, cuda_graphs=False):
     """Compile a backbone in place: its blocks one by one ('regional') or its whole forward ('model'; blocks one by
-    one under gradient checkpointing, `Backbone.compile_regions`)."""
-    compile_modules(backbone.compile_regions(regional=mode == "regional"))
+    one under gradient checkpointing, `Backbone.compile_regions`); with `cuda_graphs`, replayed as CUDA graphs."""
+    compile_modules(backbone.compile_regions(regional=mode == "regional"), cuda_graphs)
+
+
+def mark_step(cuda_graphs: bool):
+    """Tell the CUDA graphs that a new training step begins (the previous step's graph outputs may be reused)."""
+    if cuda_graphs:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def repeated_blocks(module: nn.Module) -> list:
