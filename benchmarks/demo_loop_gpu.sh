@@ -6,6 +6,9 @@
 #   cached    --text-emb-dir: caption embeddings cached by `dataset_tools.py encode-text`
 #   workers16 16 loader workers
 #   omp       OMP_NUM_THREADS unset
+#   graphs    --cuda-graphs (the compiled blocks replayed as CUDA graphs)
+#   model     --compile-mode model (the whole forward compiled)
+#   model-graphs  --compile-mode model --cuda-graphs
 #   profile   base under cProfile (OUTPUT_DIR/train.prof): where the host's time goes in the loop
 #
 #   bash benchmarks/demo_loop_gpu.sh OUTPUT_DIR [STEPS] [VARIANT ...]
@@ -34,6 +37,9 @@ for variant in $variants; do
         cached) t python "${train[@]}" --exp-name cached --text-emb-dir "$data/text-emb" ;;
         workers16) t python "${train[@]}" --exp-name workers16 --num-workers 16 ;;
         omp) env -u OMP_NUM_THREADS python benchmarks/timed_lines.py -- python "${train[@]}" --exp-name omp ;;
+        graphs) t python "${train[@]}" --exp-name graphs --cuda-graphs ;;
+        model) t python "${train[@]}" --exp-name model --compile-mode model ;;
+        model-graphs) t python "${train[@]}" --exp-name model-graphs --compile-mode model --cuda-graphs ;;
         profile) t python -m cProfile -o "$out/train.prof" "${train[@]}" --exp-name profile ;;
         *) echo "unknown variant $variant" >&2; exit 2 ;;
     esac > "$out/$variant.log" 2>&1

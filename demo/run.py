@@ -1,7 +1,7 @@
 """The built-in demo: shapes dataset -> pixel latents -> train a small text-to-image SiT -> sample -> score.
 
     python -m demo.run --preset cpu      # under 10 minutes on 2 CPU cores
-    python -m demo.run --preset gpu      # about 3 minutes on one H100
+    python -m demo.run --preset gpu      # 2.5-3 minutes on one H100
     python -m demo.run --preset tiny     # the whole pipeline in under a minute (CI)
     python -m demo.run --preset control-cpu   # a base SiT, then a ControlNet on the shapes' masks (demo/control.py)
 
@@ -49,13 +49,15 @@ PRESETS = {
                 learning_rate=1e-3, warmup_steps=50, ema_decay=0.99, shift_base=1024, mixed_precision="no",
                 num_workers=0, log_every=50, num_prompts=32, images_per_prompt=2, mode="ode", sample_steps=20,
                 cfg_scale=4.0),
-    # gpu: 1200 steps at 5e-4 with a cosine decay, EMA 0.998, 10000 images, regional compilation for the short run;
-    # all 512 samples in one generate.py call, uncompiled (compiling costs more than it saves for one batch). The
+    # gpu: 1200 steps at 5e-4 with a cosine decay, EMA 0.998, 10000 images, regional compilation for the short run,
+    # replayed as CUDA graphs (the step of this small model otherwise waits on kernel launches); all 512 samples in
+    # one generate.py call, uncompiled (compiling costs more than it saves for one batch). The
     # longer recipe it replaced (4000 steps at 2e-4, EMA 0.999, 20000 images) is in README.md.
     "gpu": dict(num_images=10000, resolution=64, patch=4, model="SiT-B/2", text_len=16, steps=1200, batch_size=256,
                 learning_rate=5e-4, lr_schedule="cosine", warmup_steps=100, ema_decay=0.998, shift_base=1024,
                 mixed_precision="bf16", num_workers=8, log_every=100, num_prompts=64, images_per_prompt=4, mode="sde",
-                sample_steps=50, cfg_scale=4.0, sample_batch=512, train_flags=("--compile-mode", "regional"),
+                sample_steps=50, cfg_scale=4.0, sample_batch=512,
+                train_flags=("--compile-mode", "regional", "--cuda-graphs"),
                 sample_flags=("--no-compile",)),
     "tiny": dict(num_images=32, resolution=32, patch=4, model="SiT-T/2", text_len=16, steps=2, batch_size=8,
                  learning_rate=3e-4, warmup_steps=0, ema_decay=0.9, shift_base=1024, mixed_precision="no",

@@ -84,6 +84,7 @@ def test_gpu_preset_samples_uncompiled(tmp_path, monkeypatch):
     demo.generate(settings, tmp_path, tmp_path / "ckpt", "all", [])
     assert "--no-compile" in commands[0]
     assert "--no-compile" not in demo.conditions.train_flags(settings)
+    assert "--cuda-graphs" in demo.conditions.train_flags(settings)
 
 
 def test_class_preset_runs_every_stage_and_scores_colour_and_shape(tmp_path):
