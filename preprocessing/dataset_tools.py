@@ -218,6 +218,10 @@ def convert(source, dest, resolution: int, max_images=None, workers: int = 0, di
 # ----------------------------------------------------------------------------------------------------------- encode
 
 class _ImageFiles(torch.utils.data.Dataset):
+    """(name, HWC uint8 array or None, error or None) of each image. Arrays, not tensors, leave the loader's
+    workers: a tensor would travel as its own shared-memory file, a handshake per image that costs more than
+    decoding a small one."""
+
     def __init__(self, source: ImageSource, names):
         self.source, self.names = source, names
 
@@ -230,7 +234,7 @@ class _ImageFiles(torch.utils.data.Dataset):
             array = np.array(self.source.open(name))
         except Exception as e:  # reported by the encoder loop, not fatal
             return name, None, f"{type(e).__name__}: {e}"
-        return name, torch.from_numpy(array).permute(2, 0, 1), None
+        return name, array, None
 
 
 def _keep_list(batch):
@@ -257,7 +261,8 @@ def _encode_shard(rank, world, spec, ckpt_path, source, dest, names, batch_size,
                 else:
                     groups.setdefault(tuple(image.shape), []).append((name, image))
             for items in groups.values():
-                images = torch.stack([image for _, image in items]).to(device, non_blocking=True)
+                pixels = torch.from_numpy(np.stack([image for _, image in items])).permute(0, 3, 1, 2)
+                images = pixels.contiguous().to(device, non_blocking=True)
                 if posterior is not None and posterior[0] == "sample":
                     ids = [os.path.splitext(name)[0] for name, _ in items]
                     latents = tokenizer.encode_sample(images, ids, posterior[1])
