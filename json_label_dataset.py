@@ -10,8 +10,8 @@ Layout:
 Ids are relative paths without extension; a file name prefix 'img-latents-' is dropped, and so is 'img'
 before an all-digit name (edm2-style 'img00000014'), the same way for every file and labels.json id.
 The shared machinery (scanning, pairing, file checks, latent statistics) also serves dataset.CustomDataset.
-Building a dataset reads the header of every image and latent (not the data) and stops with a DataFileError
-listing each file that cannot work; `python preprocessing/dataset_tools.py check` loads every file.
+Building a dataset reads the header of every latent and (where images are used) image, not the data, and stops
+with a DataFileError listing each file that cannot work; `python preprocessing/dataset_tools.py check` loads every file.
 """
 import os
 import re
@@ -284,7 +284,7 @@ class PairedLatentDataset(Dataset):
     Subclasses call `_setup(conditions, kind, where)`; items are (image uint8 (3, H, W),
     normalised latent float32 (C, h, w), condition). With `need_images` False (nothing uses them: no REPA
     encoder) the image is not decoded, which is most of an item's cost, and an empty (3, 0, 0) tensor stands in
-    (as in shard datasets).
+    (as in shard datasets); the images' headers are then not checked either (the first gives `resolution`).
     An item that cannot be read raises DataItemError naming its files.
     """
 
@@ -307,7 +307,8 @@ class PairedLatentDataset(Dataset):
         self.feature_fnames = [latents[i] for i in self.ids]
         image_paths = [os.path.join(self.images_dir, f) for f in self.image_fnames]
         latent_paths = [os.path.join(self.features_dir, f) for f in self.feature_fnames]
-        problems = image_header_problems(image_paths)[0] + npy_header_problems(latent_paths, 3, "latents", True)[0]
+        problems = ((image_header_problems(image_paths)[0] if self.need_images else [])
+                    + npy_header_problems(latent_paths, 3, "latents", True)[0])
         self._raise_problems(problems)
         self.latent_mean, self.latent_std = cached_latent_stats(
             self.stats_file, latent_paths, self.stats_samples, self.stats_seed)

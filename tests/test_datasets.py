@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from dataset import CustomDataset
-from json_label_dataset import (DataItemError, DatasetMismatchError, JsonLabelDataset, collate, compute_latent_stats,
-                                file_id, load_latent_stats, normalize_id)
+from json_label_dataset import (DataFileError, DataItemError, DatasetMismatchError, JsonLabelDataset, collate,
+                                compute_latent_stats, file_id, load_latent_stats, normalize_id)
 
 CHANNEL_MEAN = np.array([1.0, -2.0, 0.5, 3.0], np.float32)
 CHANNEL_STD = np.array([2.0, 0.5, 1.0, 4.0], np.float32)
@@ -261,3 +261,13 @@ def test_train_reads_images_only_for_repa(tmp_path):
             "--output-dir", str(tmp_path / "exps")]
     assert not train.build_dataset(train.parse_args([*base, "--enc-type", "none"])).need_images
     assert train.build_dataset(train.parse_args(base)).need_images
+
+
+def test_images_headers_are_checked_only_where_images_are_used(tmp_path):
+    entries = [("d/a", "d/a.png", "d/a.npy"), ("d/b", "d/b.png", "d/b.npy")]
+    make_text_dataset(tmp_path, entries)
+    (tmp_path / "images" / "d" / "b.png").write_bytes(b"not a png")
+    with pytest.raises(DataFileError, match="b.png: not a readable image"):
+        JsonLabelDataset(tmp_path)
+    unused = JsonLabelDataset(tmp_path, need_images=False)
+    assert len(unused) == 2 and unused.resolution == 32
