@@ -18,6 +18,8 @@ time-out does not hide the other numbers; `--only` picks some):
 - generate_{cold,warm}: generate.py on a random-weight class-conditional SiT-B/1 checkpoint (pixel:4 latents,
   48x16x16), 3 batches of 256, 50-step SDE with CFG 4 and path drop: warm-up = seconds from launch to the first
   batch's images less one steady batch, cold and warm compile cache;
+- cuda_graphs: steady img/s without and with CUDA graphs (`train.py --cuda-graphs`) of the SiT-B/1 step compiled
+  whole and of the gpu demo's step compiled regionally;
 - demo_step: the gpu demo's training step (SiT-B/2, 64 px pixel latents, MiniLM-width captions, no REPA) without
   data loading or text encoding, eager and compiled regionally, batch 256 and 512: what its s/step would be if
   the GPU were the limit.
@@ -25,6 +27,7 @@ Random weights of the real sizes, data already on the GPU, no network, no diffus
 with a tiny model, eagerly, on CPU (a check of the script itself, not a measurement).
 """
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -49,7 +52,7 @@ DEMO = dict(latent=(48, 16, 16), text=(16, 384), z_dim=None)  # the gpu demo: pi
 RECIPE = Namespace(gradient_accumulation_steps=1, max_grad_norm=1.0, ema_decay=0.9999, ema_warmup=False)
 SMOKE = dict(model="SiT-T/1", batch=4, latent=(4, 8, 8), text=(5, 16), z_dim=16, steps=4)
 SECTIONS = ("startup_model_cold", "startup_model_warm", "startup_regional_cold", "startup_regional_warm",
-            "step_fused_vs_plain", "xl_ckpt", "generate_cold", "generate_warm", "fp8", "demo_step")
+            "step_fused_vs_plain", "xl_ckpt", "generate_cold", "generate_warm", "fp8", "demo_step", "cuda_graphs")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -66,14 +69,16 @@ def sync():
 
 
 def build_step(model_name, batch, compile_mode, checkpointing=False, fp8=False, smoke=False, seed=0, shapes=None,
-               encoders=False):
+               encoders=False, cuda_graphs=False):
     """A closure running one SiT training step, and the model. REPA targets and caption embeddings are given, or
     with `encoders` computed in each step by DINOv2-B/14 and a CLIP-L text model (random weights, compiled like
-    train.py compiles them). shapes: dict(latent, text, z_dim) (z_dim None: no REPA), default SiT-B/1's."""
+    train.py compiles them). shapes: dict(latent, text, z_dim) (z_dim None: no REPA), default SiT-B/1's;
+    cuda_graphs: the compiled backbone replayed as CUDA graphs (train.py --cuda-graphs)."""
     from accelerate import Accelerator
 
     from loss import TrainingLoss
     from models import BACKBONES
+    from omegadit.compilation import mark_step
     from omegadit.objectives.auxiliary import ContrastiveFlowMatching, RepaLoss
     from omegadit.objectives.flow import FlowMatching
     from train import compile_for_training, forward_backward, optimizer_step
@@ -85,18 +90,15 @@ def build_step(model_name, batch, compile_mode, checkpointing=False, fp8=False, 
     torch.manual_seed(seed)
     accelerator = Accelerator(mixed_precision="no" if smoke else "bf16", cpu=smoke)
 
-    def build():
-        return BACKBONES.get(model_name)(input_size=latent[1], in_channels=latent[0], text_dim=text[1],
-                                         text_len=text[0], z_dims=z_dims)
-
-    model = build()
+    model = BACKBONES.get(model_name)(input_size=latent[1], in_channels=latent[0], text_dim=text[1],
+                                      text_len=text[0], z_dims=z_dims)
     model.set_gradient_checkpointing(checkpointing)
-    ema = build().to(device()).eval().requires_grad_(False)
+    ema = copy.deepcopy(model).to(device()).eval().requires_grad_(False)  # as train.py makes it
     if fp8:
         from omegadit.fp8 import convert_blocks_to_float8
         convert_blocks_to_float8(model)
     if compile_mode != "eager":
-        compile_for_training(model, [], compile_mode)
+        compile_for_training(model, [], compile_mode, cuda_graphs)
     model.to(device()).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5,
                                   fused=device().type == "cuda")
@@ -117,6 +119,7 @@ def build_step(model_name, batch, compile_mode, checkpointing=False, fp8=False, 
 
     def step():
         y, zs = compute_conditions()
+        mark_step(cuda_graphs)
         forward_backward(accelerator, model, loss_fn, latents, dict(y=y), zs, RECIPE)
         optimizer_step(accelerator, model, ema, optimizer, scheduler, RECIPE, 0)
     return step, accelerator.unwrap_model(model)
@@ -169,13 +172,15 @@ def child_startup(args):
     batch = SMOKE["batch"] if args.smoke else 256
     step, _ = build_step(SMOKE["model"] if args.smoke else "SiT-B/1", batch, args.compile_mode, smoke=args.smoke,
                          encoders=not args.smoke)
+    built = time.time()
     stamps = []
     for _ in range(SMOKE["steps"] if args.smoke else 25):
         step()
         sync()
         stamps.append(time.time())
     result = steady_summary(stamps, args.launched_at, batch)
-    result.update(imports_s=imported - args.launched_at, graphs=counters["stats"]["unique_graphs"], **peak_memory())
+    result.update(imports_s=imported - args.launched_at, built_s=built - args.launched_at,
+                  graphs=counters["stats"]["unique_graphs"], **peak_memory())
     return result
 
 
@@ -211,6 +216,36 @@ def child_step_ab(args):
     result = {f"{name}_img_s": batch / statistics.median(s) for name, s in seconds.items()}
     result["fused_gain"] = result["regional_fused_img_s"] / result["regional_plain_img_s"] - 1
     result["regional_vs_model"] = result["regional_fused_img_s"] / result["model_fused_img_s"] - 1
+    return result
+
+
+def child_graphs(args):
+    """Steady img/s without and then with CUDA graphs (train.py --cuda-graphs), each the median of three timings:
+    the SiT-B/1 step (SiT only) compiled whole, and the gpu demo's step (SiT-B/2 on 48x16x16 pixel latents, 16
+    MiniLM-width caption tokens, no REPA) compiled regionally as the demo compiles it. One step at a time holds
+    the GPU's memory (a graph's memory pool stays reserved until the compiled code is reset)."""
+    import gc
+
+    from omegadit.compilation import use_compile_cache
+
+    use_compile_cache(args.cache)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    batch = SMOKE["batch"] if args.smoke else 256
+    cases = [("sit_b1_model", "SiT-B/1", "model", None), ("demo_regional", "SiT-B/2", "regional", DEMO)]
+    result = {}
+    for name, model_name, mode, shapes in cases:
+        for graphs in (False, True):
+            step, model = build_step(SMOKE["model"] if args.smoke else model_name, batch,
+                                     "eager" if args.smoke else mode, smoke=args.smoke, shapes=shapes,
+                                     cuda_graphs=graphs and not args.smoke)
+            timed_steps(step, 2 if args.smoke else 15)  # path drop first fires at step 12
+            seconds = [timed_steps(step, 2 if args.smoke else 20) for _ in range(3)]
+            result[f"{name}{'_graphs' if graphs else ''}_img_s"] = batch / statistics.median(seconds)
+            del step, model
+            torch.compiler.reset()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return result
 
 
@@ -321,7 +356,7 @@ def peak_memory():
 
 
 CHILDREN = {"startup": child_startup, "step_ab": child_step_ab, "fp8": child_fp8, "xl": child_xl,
-            "demo_step": child_demo_step}
+            "demo_step": child_demo_step, "graphs": child_graphs}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -434,6 +469,7 @@ def main():
         ("fp8", 150, child("fp8") if torchao_installed() else
          lambda t: {"error": "skipped: torchao is not installed (pip install torchao; see omegadit/fp8.py)"}),
         ("demo_step", 90, child("demo_step")),
+        ("cuda_graphs", 300, child("graphs", "cache_model")),
     ]
     for name, limit, run in plan:
         if only and name not in only:
@@ -499,7 +535,11 @@ def print_table(results):
             ("demo step (SiT-B/2, 64 px), eager, b256 img/s", "demo_step", "eager_b256_img_s"),
             ("demo step (SiT-B/2, 64 px), eager, b512 img/s", "demo_step", "eager_b512_img_s"),
             ("demo step (SiT-B/2, 64 px), regional, b256 img/s", "demo_step", "regional_b256_img_s"),
-            ("demo step (SiT-B/2, 64 px), regional, b512 img/s", "demo_step", "regional_b512_img_s")]
+            ("demo step (SiT-B/2, 64 px), regional, b512 img/s", "demo_step", "regional_b512_img_s"),
+            ("SiT-B/1 step, whole model img/s", "cuda_graphs", "sit_b1_model_img_s"),
+            ("SiT-B/1 step, whole model + CUDA graphs img/s", "cuda_graphs", "sit_b1_model_graphs_img_s"),
+            ("demo step, regional img/s", "cuda_graphs", "demo_regional_img_s"),
+            ("demo step, regional + CUDA graphs img/s", "cuda_graphs", "demo_regional_graphs_img_s")]
     for label, section, key in rows:
         print(f"| {label} | {get(section, key, '{:.4g}')} |")
     errors = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
