@@ -445,6 +445,9 @@ def main(args):
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
                               log_with=None if args.report_to == "none" else args.report_to,
                               project_dir=str(Path(args.output_dir) / args.exp_name))
+    if args.cuda_graphs and accelerator.num_processes > 1:
+        raise SystemExit(f"--cuda-graphs was measured on one GPU only; with {accelerator.num_processes} processes "
+                         f"it is untried: drop --cuda-graphs")
     exp_dir = Path(args.output_dir) / args.exp_name
     lock = lock_experiment(accelerator, exp_dir / LOCK_FILE)
     try:

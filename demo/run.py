@@ -279,9 +279,9 @@ def train(s, work, exp_name=EXP_NAME, steps=None, learning_rate=None, extra=()):
             "--ema-decay", s["ema_decay"], "--mixed-precision", s["mixed_precision"],
             "--cfg-prob", 0.1, "--seed", s["seed"], "--compile-cache", work / COMPILE_CACHE, *extra]
     gpus = visible_gpus()
-    if gpus > 1:
+    if gpus > 1:  # CUDA graphs are tried on one GPU only (train.py refuses them with several processes)
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
-                   "train.py", *map(str, args)]
+                   "train.py", *[str(a) for a in args if a != "--cuda-graphs"]]
     else:
         command = python_tool("train.py", *args)
     log = "train.log" if exp_name == EXP_NAME else f"train_{exp_name}.log"

@@ -36,6 +36,21 @@ def test_cuda_graphs_refuse_what_they_cannot_replay(argv, named, monkeypatch, ca
     assert f"--cuda-graphs with {named}" in usage_error(argv, capsys)
 
 
+def test_cuda_graphs_refuse_several_processes(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = train.parse_args(BASE_ARGV)
+
+    class TwoProcesses:
+        num_processes = 2
+
+        def __init__(self, **_):
+            pass
+
+    monkeypatch.setattr(train, "Accelerator", TwoProcesses)
+    with pytest.raises(SystemExit, match="measured on one GPU only; with 2 processes"):
+        train.main(args)
+
+
 def train_steps(model, cuda_graphs, steps=4):
     """Losses and final weights of `steps` training steps (train.py's forward_backward + optimizer_step) of a
     compiled copy of `model` in float32 on the GPU, with or without CUDA graphs."""

@@ -87,6 +87,18 @@ def test_gpu_preset_samples_uncompiled(tmp_path, monkeypatch):
     assert "--cuda-graphs" in demo.conditions.train_flags(settings)
 
 
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_gpu_preset_trains_with_cuda_graphs_on_one_gpu_only(gpus, tmp_path, monkeypatch):
+    commands = []
+    settings = demo.settings_from(demo.parse_args(["--preset", "gpu"]))
+    monkeypatch.setattr(demo, "visible_gpus", lambda: gpus)
+    monkeypatch.setattr(demo, "run_tool", lambda command, *_, **__: commands.append(list(map(str, command))))
+    with pytest.raises(demo.StageError):  # no checkpoint was written: nothing ran
+        demo.train(settings, tmp_path)
+    assert ("--cuda-graphs" in commands[0]) == (gpus == 1)
+    assert "--compile-mode" in commands[0]
+
+
 def test_class_preset_runs_every_stage_and_scores_colour_and_shape(tmp_path):
     """dit-cpu shrunk to a few seconds: class labels written and carried to vae-in, DiT trained on them, one sample
     a class with DiT's default sampler, scored on colour and shape only."""
