@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from omegadit.shards import FORMAT, INDEX_FILE, META_FILE, LatentSums, import_litdata
+from utils import write_json
 
 PARTS_DIR = "parts"
 TMP_DIR = ".tmp"
@@ -65,9 +66,7 @@ def write_part(out_dir, part: str, items, chunk_bytes=DEFAULT_CHUNK_BYTES) -> di
               "chunks": chunks, "config": config, "latent_sums": sums.to_json() if count else None}
     path = part_record_path(out_dir, part)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_record = path.with_name(f".{path.name}.tmp")
-    tmp_record.write_text(json.dumps(record))
-    os.replace(tmp_record, path)
+    write_json(path, record)
     shutil.rmtree(tmp, ignore_errors=True)
     return record
 
@@ -97,8 +96,8 @@ def finalize(out_dir, extra_meta: dict) -> dict:
     mean, std = sums.mean_std()
     meta = {"format": FORMAT, "fields": first["fields"], "num_items": sum(r["num_items"] for r in records),
             "latent_mean": mean, "latent_std": std, **first["properties"], **extra_meta}
-    _write_json(out_dir / INDEX_FILE, {"chunks": chunks, "config": first["config"]})
-    _write_json(out_dir / META_FILE, meta)
+    write_json(out_dir / INDEX_FILE, {"chunks": chunks, "config": first["config"]})
+    write_json(out_dir / META_FILE, meta)
     shutil.rmtree(out_dir / TMP_DIR, ignore_errors=True)
     return meta
 
@@ -114,10 +113,4 @@ def check_settings(path: Path, settings: dict) -> None:
                              f"{settings}: use another output folder or the same settings")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, settings)
-
-
-def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    write_json(path, settings)
