@@ -251,7 +251,7 @@ def _encode_shard(rank, world, spec, ckpt_path, source, dest, names, batch_size,
     tokenizer = load_tokenizer(spec, device=device, ckpt_path=ckpt_path)
     shard = names[rank::world]
     loader = torch.utils.data.DataLoader(_ImageFiles(source, shard), batch_size=batch_size, num_workers=workers,
-                                         collate_fn=_keep_list, pin_memory=device.type == "cuda")
+                                         collate_fn=_keep_list)
     with tqdm(total=len(shard), desc=f"encode {device}", position=rank, dynamic_ncols=True) as bar:
         for batch in loader:
             groups = {}
