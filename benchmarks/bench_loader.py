@@ -1,6 +1,7 @@
 """Items/s of train.py's two data paths on one synthetic dataset: the folder dataset (JsonLabelDataset through a
 DataLoader with ResumableBatchSampler) and the shard dataset (ShardLoader over LitData chunks), each with the
-images decoded (REPA) and without (--enc-type none), at several worker counts. The dataset is made here: --num-items captioned PNG images and float16 latents, then packed to shards.
+images decoded (REPA) and without (--enc-type none), at several worker counts. The dataset is made here:
+--num-items captioned PNG images and float16 latents, then packed to shards.
 
     python benchmarks/bench_loader.py --num-items 20000 --workers 4 8
     python benchmarks/bench_loader.py --num-items 512 --image-size 64 --workers 0 2 --batches 4   # a CPU check

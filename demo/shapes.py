@@ -26,8 +26,8 @@ following (evaluations/mask_iou.py).
 import argparse
 import concurrent.futures
 import itertools
-import os
 import json
+import os
 import re
 import shutil
 import time

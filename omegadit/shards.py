@@ -194,8 +194,7 @@ class ShardDataset:
     condition: 'caption' or 'label'. use_text_emb: items carry the cached caption embedding instead of the caption
     (True: the shards must hold 'text_emb'; None: when they hold it; False: never). need_images: the shards must
     hold images (REPA); without it stored images are not decoded (an empty (3, 0, 0) tensor stands in). Everything
-    is checked against omegadit.json and, for a local folder, the chunk files'
-    sizes, before any training.
+    is checked against omegadit.json and, for a local folder, the chunk files' sizes, before any training.
     """
 
     def __init__(self, source, condition: str = "caption", use_text_emb=False, need_images: bool = True):
