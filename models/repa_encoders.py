@@ -6,6 +6,7 @@ embedding is resampled once to that grid (bicubic, antialiased), as the referenc
 normalised patch tokens (DINOv2's `x_norm_patchtokens`: timm `forward_features` minus the class/register tokens).
 They match a SiT whose latent grid is R/16 with patch size 1; any other token count is for the caller to handle.
 """
+import contextlib
 from pathlib import Path
 
 import torch
@@ -92,36 +93,46 @@ class RepaEncoder(nn.Module):
         return tokens[:, self.model.num_prefix_tokens:].float()
 
     def load_weights(self, path) -> "RepaEncoder":
-        """Load a timm or original DINOv2 state dict (.safetensors, or .pth refused if it would run code)."""
+        """Load a timm or original DINOv2 state dict (.safetensors, or .pth refused if it would run code). The file's
+        tensors become the model's (in the model's dtypes), so a model built on the meta device works too."""
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         path = Path(path)
         state = load_safetensors(path) if path.suffix == ".safetensors" else load_torch(path)
         if not isinstance(state, dict):
             raise ValueError(f"{path} does not hold a state dict")
+        own = self.model.state_dict()
         try:
             state = checkpoint_filter_fn(dict(state), self.model)
-            state = {k: v for k, v in state.items() if not k.startswith("head.")}
-            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items() if not k.startswith("head.")}
+            missing, unexpected = self.model.load_state_dict(state, strict=False, assign=True)
         except RuntimeError as err:
             raise ValueError(f"{path} does not match {self.name}: {err}") from err
         if missing or unexpected:
             raise ValueError(
                 f"{path} does not match {self.name} ({len(missing)} missing tensors, e.g. {missing[:3]}; "
                 f"{len(unexpected)} unexpected, e.g. {unexpected[:3]})")
+        unfilled = [name for name, buffer in self.model.named_buffers() if buffer.is_meta]
+        if unfilled:
+            raise ValueError(f"{path} leaves {self.name}'s buffers {unfilled[:3]} unset")
+        self.requires_grad_(False)
         return self
 
 
-def build_repa_encoder(name: str, resolution: int = 256, pretrained: bool = False, **timm_kwargs) -> RepaEncoder:
+def build_repa_encoder(name: str, resolution: int = 256, pretrained: bool = False, device=None,
+                       **timm_kwargs) -> RepaEncoder:
     """DINOv2 encoder for `resolution` px images; random weights unless `pretrained` (timm hub download).
 
-    `timm_kwargs` go to `timm.create_model` (e.g. depth=2 for a small test model).
+    device="meta": the ViT's tensors are left unallocated and uninitialised, for `load_weights` to fill (no seconds
+    spent drawing random weights that the file replaces). `timm_kwargs` go to `timm.create_model` (e.g. depth=2 for
+    a small test model).
     """
     import timm
 
     name = canonical_name(name)
-    model = timm.create_model(DINOV2_MODELS[name], pretrained=pretrained, img_size=input_size(resolution),
-                              num_classes=0, **timm_kwargs)
+    with torch.device(device) if device else contextlib.nullcontext():
+        model = timm.create_model(DINOV2_MODELS[name], pretrained=pretrained, img_size=input_size(resolution),
+                                  num_classes=0, **timm_kwargs)
     return RepaEncoder(name, model, resolution)
 
 
@@ -179,6 +190,6 @@ def load_repa_encoders(enc_type: str, resolution: int, device="cpu", weights=Non
                                         f"{_download_help(name)}") from err
         else:
             path = _resolve_weights(name, weights, several=len(names) > 1)
-            encoder = build_repa_encoder(name, resolution).load_weights(path)
+            encoder = build_repa_encoder(name, resolution, device="meta").load_weights(path)
         encoders.append(encoder.to(device))
     return encoders

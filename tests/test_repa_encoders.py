@@ -138,3 +138,17 @@ def test_original_dinov2_checkpoint_with_registers(tmp_path):
     [encoder] = load_repa_encoders("dinov2reg-vit-s", 256, weights=tmp_path)
     images = _images(1, 256, seed=2)
     assert torch.allclose(encoder(images), _reference_features(vit, images), atol=1e-4)
+
+
+def test_encoder_loaded_from_a_file_draws_no_random_weights(tmp_path, source_vit):
+    """The ViT is built on the meta device and takes the file's tensors: no random initialisation to pay for (or
+    to disturb the seeded generator), and nothing left unset."""
+    weights = tmp_path / f"{TIMM_S}.safetensors"
+    save_file({k: v.contiguous() for k, v in source_vit.state_dict().items()}, str(weights))
+    torch.manual_seed(3)
+    first_draw = torch.rand(4)
+    torch.manual_seed(3)
+    [encoder] = load_repa_encoders("dinov2-vit-s", 256, weights=weights)
+    assert torch.equal(torch.rand(4), first_draw)
+    assert not any(t.is_meta for t in [*encoder.parameters(), *encoder.buffers()])
+    assert {p.dtype for p in encoder.parameters()} == {torch.float32}
