@@ -6,7 +6,8 @@ Sections (each in a child process of its own, so that start-up is timed from a r
 time-out does not hide the other numbers; `--only` picks some):
 - startup_{model,regional}_{cold,warm}: SiT-B/1 training with DINOv2-B/14 REPA targets and CLIP-L caption tokens
   computed in every step (batch 256, bf16, train.py's `forward_backward` and `optimizer_step`, path drop on as in
-  training), the three networks compiled whole or regionally, with an empty compile cache and again with the
+  training; the two encoders loaded from random-weight files as train.py loads the released ones), the three
+  networks compiled whole or regionally, with an empty compile cache and again with the
   cache the first launch filled: seconds from launch to the first step and to the first steady step (every later
   step within 2x of the steady step time), steady img/s of the full step, peak memory;
 - step_fused_vs_plain: steady img/s of the SiT-only step compiled whole and regionally with the attention of this
@@ -69,10 +70,10 @@ def sync():
 
 
 def build_step(model_name, batch, compile_mode, checkpointing=False, fp8=False, smoke=False, seed=0, shapes=None,
-               encoders=False, cuda_graphs=False):
+               encoders=None, cuda_graphs=False):
     """A closure running one SiT training step, and the model. REPA targets and caption embeddings are given, or
-    with `encoders` computed in each step by DINOv2-B/14 and a CLIP-L text model (random weights, compiled like
-    train.py compiles them). shapes: dict(latent, text, z_dim) (z_dim None: no REPA), default SiT-B/1's;
+    with `encoders` (a folder of `write_encoder_weights`) computed in each step by DINOv2-B/14 and a CLIP-L text
+    model, loaded and compiled as train.py loads and compiles them. shapes: dict(latent, text, z_dim) (z_dim None: no REPA), default SiT-B/1's;
     cuda_graphs: the compiled backbone replayed as CUDA graphs (train.py --cuda-graphs)."""
     from accelerate import Accelerator
 
@@ -112,7 +113,7 @@ def build_step(model_name, batch, compile_mode, checkpointing=False, fp8=False, 
     zs = [torch.randn(batch, tokens, z, device=device()) for z in z_dims]
 
     if encoders:
-        compute_conditions = frozen_encoders(batch, compile_mode, accelerator)
+        compute_conditions = frozen_encoders(batch, compile_mode, accelerator, encoders)
     else:
         def compute_conditions():
             return y, zs
@@ -125,18 +126,17 @@ def build_step(model_name, batch, compile_mode, checkpointing=False, fp8=False, 
     return step, accelerator.unwrap_model(model)
 
 
-def frozen_encoders(batch, compile_mode, accelerator):
+def frozen_encoders(batch, compile_mode, accelerator, weights):
     """() -> (caption tokens of CLIP-L text, [DINOv2-B/14 features]) for random 256 px images and token ids, as
-    train.py's `next_micro_batch` computes them; both networks compiled as train.py compiles frozen encoders."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    train.py's `next_micro_batch` computes them; both networks loaded from `weights` (`write_encoder_weights`) and
+    compiled as train.py loads and compiles its frozen encoders."""
+    from transformers import CLIPTextModel
 
-    from models.repa_encoders import build_repa_encoder
+    from models.repa_encoders import load_repa_encoders
     from omegadit.compilation import compile_frozen
 
-    dino = build_repa_encoder("dinov2-vit-b", resolution=256, pretrained=False).to(device()).eval()
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
-    clip = CLIPTextModel(config).to(device()).eval().requires_grad_(False)
+    [dino] = load_repa_encoders("dinov2-vit-b", 256, device=device(), weights=weights)
+    clip = CLIPTextModel.from_pretrained(Path(weights) / "clip-l-text").to(device()).eval().requires_grad_(False)
     if compile_mode != "eager":
         compile_frozen(dino.model, compile_mode)
         compile_frozen(clip, compile_mode)
@@ -147,6 +147,25 @@ def frozen_encoders(batch, compile_mode, accelerator):
         with torch.no_grad(), accelerator.autocast():
             return clip(token_ids, output_hidden_states=True).hidden_states[-2], [dino(images)]
     return compute
+
+
+def write_encoder_weights(folder: Path):
+    """Random DINOv2-B/14 and CLIP-L text weights in the layouts train.py reads (`--enc-weights` folder, a
+    transformers model folder), so that the start-up sections load them as train.py loads the released ones."""
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from models.repa_encoders import DINOV2_MODELS, build_repa_encoder
+
+    if (folder / "clip-l-text").is_dir():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    dino = build_repa_encoder("dinov2-vit-b", 256)
+    save_file({k: v.contiguous() for k, v in dino.model.state_dict().items()},
+              str(folder / f"{DINOV2_MODELS['dinov2-vit-b']}.safetensors"))
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+    CLIPTextModel(config).save_pretrained(folder / "clip-l-text")
 
 
 def steady_summary(stamps, start, batch):
@@ -171,7 +190,7 @@ def child_startup(args):
     imported = time.time()
     batch = SMOKE["batch"] if args.smoke else 256
     step, _ = build_step(SMOKE["model"] if args.smoke else "SiT-B/1", batch, args.compile_mode, smoke=args.smoke,
-                         encoders=not args.smoke)
+                         encoders=None if args.smoke else args.weights)
     built = time.time()
     stamps = []
     for _ in range(SMOKE["steps"] if args.smoke else 25):
@@ -435,6 +454,7 @@ def main():
     p.add_argument("--child", default=None, choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--compile-mode", default="regional", help=argparse.SUPPRESS)
     p.add_argument("--cache", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--weights", default=None, help=argparse.SUPPRESS)
     p.add_argument("--launched-at", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -451,8 +471,12 @@ def main():
                "torch": torch.__version__}
 
     def startup(mode, cache):
-        return lambda t: run_child("startup", ["--compile-mode", "eager" if args.smoke else mode,
-                                               "--cache", str(work / cache)], t, args.smoke)
+        def run(limit):
+            if not args.smoke:
+                write_encoder_weights(work / "weights")
+            return run_child("startup", ["--compile-mode", "eager" if args.smoke else mode, "--cache",
+                                         str(work / cache), "--weights", str(work / "weights")], limit, args.smoke)
+        return run
 
     def child(kind, cache="cache_regional"):
         return lambda t: run_child(kind, ["--cache", str(work / cache)], t, args.smoke)
