@@ -31,6 +31,7 @@ from models.control import mask_input
 from omegadit import checkpoint, compat
 from omegadit import manifest as manifests
 from omegadit.compilation import COMPILE_MODES, compile_backbone, compile_enabled, use_compile_cache
+from omegadit.fp8 import quantize_blocks_for_inference
 from omegadit.importers import IMPORTERS
 from omegadit.prompts import read_prompts
 from omegadit.sampling import SAMPLERS, check_sampler
@@ -88,6 +89,9 @@ def parse_args(argv=None):
                    help="bf16 model calls (auto: when the GPU supports bf16)")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
                    help="TF32 matmuls on the GPU (the original's default)")
+    g.add_argument("--fp8", action="store_true",
+                   help="FP8 matmuls (rowwise-scaled e4m3) in the blocks' linear layers: faster on H100 and newer, "
+                        "samples differ slightly from bf16's; needs bf16")
     g = p.add_argument_group("decoding (defaults: what the checkpoint records)")
     g.add_argument("--tokenizer", default=None, help="pixel, vavae:CONFIG.yaml or a diffusers AutoencoderKL")
     g.add_argument("--vae-ckpt", default=None, help="VA-VAE checkpoint path (overrides the config's ckpt_path)")
@@ -126,6 +130,8 @@ def check_args(parser, args):
                      "follows")
     if not math.isfinite(args.controlnet_scale) or args.controlnet_scale < 0:
         parser.error(f"--controlnet-scale must be a finite number >= 0, got {args.controlnet_scale}")
+    if args.fp8 and args.mixed_precision == "no":
+        parser.error("--fp8 runs inside bf16 autocast: drop --mixed-precision no")
 
 
 def check_sampling(args):
@@ -255,6 +261,7 @@ def sample_manifest(args, loaded, objective, sampler, conditions, stats, use_bf1
         "global_seed": args.global_seed,
         "objective": objective.describe(),
         "bf16": use_bf16,
+        **({"fp8": True} if args.fp8 else {}),  # only when on: folders of earlier runs keep their names
         "autoencoder": args.tokenizer or loaded.autoencoder,
         "vae_ckpt": str(Path(args.vae_ckpt).resolve()) if args.vae_ckpt else None,
         "latent_stats_sha256": manifests.digest([t.flatten().tolist() for t in stats]),
@@ -355,6 +362,9 @@ def main(args):
     stats = latent_stats(args, loaded)
     use_bf16 = args.mixed_precision == "bf16" or (
         args.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if args.fp8 and not use_bf16:
+        raise ValueError("--fp8 runs inside bf16 autocast, which --mixed-precision auto turns on only on CUDA GPUs "
+                         "with bf16: add --mixed-precision bf16")
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -367,6 +377,10 @@ def main(args):
     conditioner = build_conditioner(args, loaded, backbone, device)
     if state.is_main_process:
         warn_truncated(conditioner, conditions)
+    if args.fp8:
+        swapped = quantize_blocks_for_inference(backbone)
+        if state.is_main_process:
+            print(f"FP8: {swapped} linear layers of the blocks run as float8 matmuls")
     if compile_enabled(args.compile, device):
         use_compile_cache(args.compile_cache or Path(args.sample_dir) / "compile_cache")
         compile_backbone(model, args.compile_mode)

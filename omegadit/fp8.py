@@ -1,11 +1,18 @@
-"""Opt-in FP8 training (train.py --fp8): the linear layers of a backbone's blocks run their matmuls in float8 through
-torchao's `Float8Linear` (dynamic tensorwise scaling: e4m3 inputs and weights, e5m2 output gradients); master weights,
-optimizer and checkpoints stay as they are (same state-dict keys). Needs torchao and a GPU with FP8 tensor cores
-(H100 and later) to be fast; torchao is optional and imported only here.
+"""FP8 matmuls in a backbone's blocks: opt-in, for training (train.py --fp8) and sampling (generate.py --fp8).
+
+Training swaps the eligible linears for torchao's `Float8Linear` (dynamic tensorwise scaling: e4m3 inputs and
+weights, e5m2 output gradients); master weights, optimizer and checkpoints stay as they are (same state-dict keys).
+torchao is optional and imported only there. Sampling swaps them for `Float8InferenceLinear`: weights quantised once
+per output row, activations per row at every call, both e4m3 with float32 scales, multiplied by `torch._scaled_mm`
+(torchao's own inference quantisation refuses CPUs; this runs on both). Both are fast only on GPUs with FP8 tensor
+cores (H100 and later).
 """
+import torch
 import torch.nn as nn
 
 FP8_MULTIPLE = 16  # float8 matmuls need both dimensions of the weight divisible by 16
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
+SMALLEST_SCALE = 1e-12  # a row of zeros keeps a finite scale
 
 
 def fp8_eligible(module: nn.Module, name: str) -> bool:
@@ -15,14 +22,56 @@ def fp8_eligible(module: nn.Module, name: str) -> bool:
             and module.in_features % FP8_MULTIPLE == 0 and module.out_features % FP8_MULTIPLE == 0)
 
 
+def _eligible_names(model: nn.Module, flag: str) -> set:
+    names = {name for name, module in model.named_modules() if fp8_eligible(module, name)}
+    if not names:
+        raise ValueError(f"{flag}: {type(model).__name__} has no linear layer in `blocks` that FP8 can run")
+    return names
+
+
 def convert_blocks_to_float8(model: nn.Module) -> int:
     """Swap the eligible linears of `model` for torchao Float8Linear in place; returns how many were swapped."""
     try:
         from torchao.float8 import convert_to_float8_training
     except ImportError as err:
         raise ImportError("--fp8 needs torchao: pip install torchao (a release built for this torch version)") from err
-    names = {name for name, module in model.named_modules() if fp8_eligible(module, name)}
-    if not names:
-        raise ValueError(f"--fp8: {type(model).__name__} has no linear layer in `blocks` that FP8 can run")
+    names = _eligible_names(model, "--fp8")
     convert_to_float8_training(model, module_filter_fn=lambda module, name: name in names)
+    return len(names)
+
+
+def rowwise_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (rows, k) -> (x / scale in float8 e4m3, float32 scale (rows, 1)), each row's largest magnitude at e4m3's
+    largest value."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=SMALLEST_SCALE) / E4M3_MAX
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+class Float8InferenceLinear(nn.Module):
+    """A frozen `nn.Linear` computed as a float8 matmul with rowwise scales. The output has the autocast dtype where
+    autocast is on (bf16: what FP8 tensor cores return), else the input's dtype."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight, scale = rowwise_e4m3(linear.weight.detach())
+        self.register_buffer("weight", weight)  # (out, in): its transpose is the column-major operand _scaled_mm takes
+        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, out)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        rows, row_scale = rowwise_e4m3(x.reshape(-1, x.shape[-1]))
+        out = torch._scaled_mm(rows, self.weight.t(), scale_a=row_scale, scale_b=self.weight_scale,
+                               bias=None if self.bias is None else self.bias.to(dtype), out_dtype=dtype)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def quantize_blocks_for_inference(model: nn.Module) -> int:
+    """Swap the eligible linears of a sampling model for `Float8InferenceLinear` in place; returns how many."""
+    names = _eligible_names(model, "--fp8")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, Float8InferenceLinear(getattr(parent, child)))
     return len(names)

@@ -187,3 +187,24 @@ def test_bad_inputs_fail_before_sampling(checkpoint, text_dataset, tmp_path):
     with pytest.raises(FileNotFoundError, match="ema.safetensors"):
         run_generate(generate_argv(empty, prompts, tmp_path, "x"))
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+def test_fp8_samples_stay_close_to_bf16_and_are_recorded(checkpoint, text_dataset, tmp_path):
+    prompts = text_dataset / "seen_prompts.txt"
+    run_generate([*generate_argv(checkpoint, prompts, tmp_path, "bf16"), "--mixed-precision", "bf16"])
+    run_generate([*generate_argv(checkpoint, prompts, tmp_path, "fp8"), "--mixed-precision", "bf16", "--fp8"])
+    bf16, fp8 = pngs(tmp_path / "bf16"), pngs(tmp_path / "fp8")
+    assert bf16.keys() == fp8.keys()
+    differences = np.stack([np.abs(bf16[n].astype(int) - fp8[n].astype(int)) for n in bf16])
+    assert differences.max() > 0 and differences.mean() < 3  # the matmuls really changed, the images hardly
+    assert json.loads((tmp_path / "fp8" / "manifest.json").read_text())["fp8"] is True
+    assert "fp8" not in json.loads((tmp_path / "bf16" / "manifest.json").read_text())
+
+
+def test_fp8_needs_bf16(checkpoint, text_dataset, tmp_path):
+    argv = generate_argv(checkpoint, text_dataset / "seen_prompts.txt", tmp_path, "x", "--fp8")
+    with pytest.raises(SystemExit):
+        generate.parse_args(argv)  # with --mixed-precision no
+    with pytest.raises(ValueError, match="--mixed-precision bf16"):
+        run_generate([*argv, "--mixed-precision", "auto"])  # auto is float32 on a CPU
+    assert not (tmp_path / "x").exists()
