@@ -18,7 +18,8 @@ time-out does not hide the other numbers; `--only` picks some):
 - xl_ckpt: SiT-XL/1, batch 256, gradient checkpointing, regional compile: img/s and peak memory;
 - generate_{cold,warm}: generate.py on a random-weight class-conditional SiT-B/1 checkpoint (pixel:4 latents,
   48x16x16), 3 batches of 256, 50-step SDE with CFG 4 and path drop: warm-up = seconds from launch to the first
-  batch's images less one steady batch, cold and warm compile cache;
+  batch's images less one steady batch, cold and warm compile cache; generate_fp8: the same with --fp8 (its own
+  compile), for its steady img/s;
 - cuda_graphs: steady img/s without and with CUDA graphs (`train.py --cuda-graphs`) of the SiT-B/1 step compiled
   whole and of the gpu demo's step compiled regionally;
 - demo_step: the gpu demo's training step (SiT-B/2, 64 px pixel latents, MiniLM-width captions, no REPA) without
@@ -53,7 +54,8 @@ DEMO = dict(latent=(48, 16, 16), text=(16, 384), z_dim=None)  # the gpu demo: pi
 RECIPE = Namespace(gradient_accumulation_steps=1, max_grad_norm=1.0, ema_decay=0.9999, ema_warmup=False)
 SMOKE = dict(model="SiT-T/1", batch=4, latent=(4, 8, 8), text=(5, 16), z_dim=16, steps=4)
 SECTIONS = ("startup_model_cold", "startup_model_warm", "startup_regional_cold", "startup_regional_warm",
-            "step_fused_vs_plain", "xl_ckpt", "generate_cold", "generate_warm", "fp8", "demo_step", "cuda_graphs")
+            "step_fused_vs_plain", "xl_ckpt", "generate_cold", "generate_warm", "generate_fp8", "fp8", "demo_step",
+            "cuda_graphs")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -400,13 +402,14 @@ def write_generate_checkpoint(path, smoke):
     checkpoint.save_weights(path, model.state_dict(), description)
 
 
-def generate_warmup(ckpt, cache, out, name, timeout, smoke):
-    """Run generate.py; warm-up = launch -> first batch's images, less one steady batch (from the images' times)."""
+def generate_warmup(ckpt, cache, out, name, timeout, smoke, extra=()):
+    """Run generate.py (with `extra` flags); warm-up = launch -> first batch's images, less one steady batch (from
+    the images' times)."""
     batch, batches = (4, 2) if smoke else (256, 3)
     command = [sys.executable, "generate.py", "--ckpt", str(ckpt), "--no-ema", "--sample-dir", str(out), "--name",
                name, "--num-fid-samples", str(batch * batches), "--per-proc-batch-size", str(batch),
                "--num-steps", "2" if smoke else "50", "--cfg-scale", "4", "--path-drop", "--mode", "sde",
-               "--compile-cache", str(cache), *(["--no-compile"] if smoke else [])]
+               "--compile-cache", str(cache), *(["--no-compile"] if smoke else []), *extra]
     launched = time.time()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=child_env(), timeout=timeout)
     if done.returncode:
@@ -490,6 +493,8 @@ def main():
         ("xl_ckpt", 120, child("xl")),
         ("generate_cold", 120, lambda t: generate_section(work, "cold", t, args.smoke)),
         ("generate_warm", 60, lambda t: generate_section(work, "warm", t, args.smoke)),
+        ("generate_fp8", 120, lambda t: generate_section(work, "fp8", t, args.smoke,
+                                                         ["--fp8", "--mixed-precision", "bf16"])),
         ("fp8", 150, child("fp8") if torchao_installed() else
          lambda t: {"error": "skipped: torchao is not installed (pip install torchao; see omegadit/fp8.py)"}),
         ("demo_step", 90, child("demo_step")),
@@ -517,11 +522,11 @@ def main():
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
-def generate_section(work, which, timeout, smoke):
+def generate_section(work, which, timeout, smoke, extra=()):
     ckpt = work / "generate_ckpt.safetensors"
     if not ckpt.exists():
         write_generate_checkpoint(ckpt, smoke)
-    return generate_warmup(ckpt, work / "cache_generate", work / "samples", which, timeout, smoke)
+    return generate_warmup(ckpt, work / "cache_generate", work / "samples", which, timeout, smoke, extra)
 
 
 def torchao_installed():
@@ -556,6 +561,7 @@ def print_table(results):
             ("generate.py warm-up s, cold cache", "generate_cold", "warmup_s"),
             ("generate.py warm-up s, warm cache", "generate_warm", "warmup_s"),
             ("generate.py SDE-50 CFG path drop img/s", "generate_warm", "img_s"),
+            ("generate.py --fp8 SDE-50 CFG path drop img/s", "generate_fp8", "img_s"),
             ("demo step (SiT-B/2, 64 px), eager, b256 img/s", "demo_step", "eager_b256_img_s"),
             ("demo step (SiT-B/2, 64 px), eager, b512 img/s", "demo_step", "eager_b512_img_s"),
             ("demo step (SiT-B/2, 64 px), regional, b256 img/s", "demo_step", "regional_b256_img_s"),

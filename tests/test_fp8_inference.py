@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from omegadit.fp8 import E4M3_MAX, Float8InferenceLinear, quantize_blocks_for_inference, rowwise_e4m3
-from test_fast_path import relative_error
+from test_fast_path import BF16_TOLERANCE, relative_error
 from test_sit import inputs, tiny_text_sit
 
 E4M3_STEP = 2 ** -3  # 3 mantissa bits: neighbouring e4m3 values are up to 12.5% apart, rounding error up to half
@@ -37,11 +37,18 @@ def test_float8_linear_computes_the_linear_within_e4m3_rounding():
     assert relative_error(Float8InferenceLinear(without_bias)(x), without_bias(x)) < 0.06
 
 
-def test_fp8_blocks_keep_the_sampling_velocity_close_to_bf16():
+def unit_gain_sit():
+    """A tiny text SiT with weights of unit gain, so that the blocks (where FP8 acts) shape the output."""
+    torch.manual_seed(0)
     model = tiny_text_sit().eval()
-    with torch.no_grad():  # unit-gain weights, so that the blocks (where FP8 acts) shape the output
+    with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, p[0].numel() ** -0.5 if p.dim() > 1 else 0.02)
+    return model
+
+
+def test_fp8_blocks_keep_the_sampling_velocity_close():
+    model = unit_gain_sit()
     fp8 = copy.deepcopy(model)
     assert quantize_blocks_for_inference(fp8) == 2 * len(fp8.blocks)  # qkv and proj; SwiGLU widths are not x16
     assert isinstance(fp8.blocks[0].attn.qkv, Float8InferenceLinear)
@@ -49,10 +56,11 @@ def test_fp8_blocks_keep_the_sampling_velocity_close_to_bf16():
     x, t, y = inputs(model, batch=4)
     with torch.no_grad():
         v32 = model(x, t, y, uncond=2)[0]
+        v8_in_float32 = fp8(x, t, y, uncond=2)[0]  # FP8 matmuls, everything else float32
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            v16 = model(x, t, y, uncond=2)[0]
             v8 = fp8(x, t, y, uncond=2)[0]
-    assert relative_error(v16, v32) < relative_error(v8, v32) < 0.1
+    assert 1e-5 < relative_error(v8_in_float32, v32) < 1e-2  # the FP8 matmuls changed the velocity, a little
+    assert relative_error(v8, v32) < BF16_TOLERANCE  # with bf16 elsewhere: as close as the bf16 path must be
 
 
 def test_a_model_without_eligible_blocks_is_refused():
@@ -63,11 +71,7 @@ def test_a_model_without_eligible_blocks_is_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with FP8 tensor cores (H100 or newer)")
 def test_compiled_fp8_blocks_on_the_gpu_match_eager_fp8():
     """The CUDA path (_scaled_mm with rowwise scales, bf16 out) under torch.compile, as generate.py runs it."""
-    model = tiny_text_sit().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, p[0].numel() ** -0.5 if p.dim() > 1 else 0.02)
-    model = model.cuda()
+    model = unit_gain_sit().cuda()
     quantize_blocks_for_inference(model)
     x, t, y = (tensor.cuda() for tensor in inputs(model, batch=4))
     compiled = copy.deepcopy(model)
@@ -76,4 +80,4 @@ def test_compiled_fp8_blocks_on_the_gpu_match_eager_fp8():
         eager_velocity = model(x, t, y, uncond=2)[0]
         compiled_velocity = compiled(x, t, y, uncond=2)[0]
     assert compiled_velocity.dtype == torch.bfloat16
-    assert relative_error(compiled_velocity, eager_velocity) < 1e-2
+    assert relative_error(compiled_velocity, eager_velocity) < BF16_TOLERANCE
