@@ -31,7 +31,7 @@ from models.control import mask_input
 from omegadit import checkpoint, compat
 from omegadit import manifest as manifests
 from omegadit.compilation import COMPILE_MODES, compile_backbone, compile_enabled, use_compile_cache
-from omegadit.fp8 import quantize_blocks_for_inference
+from omegadit.fp8 import check_fp8_device, quantize_blocks_for_inference
 from omegadit.importers import IMPORTERS
 from omegadit.prompts import read_prompts
 from omegadit.sampling import SAMPLERS, check_sampler
@@ -365,6 +365,8 @@ def main(args):
     if args.fp8 and not use_bf16:
         raise ValueError("--fp8 runs inside bf16 autocast, which --mixed-precision auto turns on only on CUDA GPUs "
                          "with bf16: add --mixed-precision bf16")
+    if args.fp8:
+        check_fp8_device(device)
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -3,13 +3,16 @@
 Training swaps the eligible linears for torchao's `Float8Linear` (dynamic tensorwise scaling: e4m3 inputs and
 weights, e5m2 output gradients); master weights, optimizer and checkpoints stay as they are (same state-dict keys).
 torchao is optional and imported only there. Sampling swaps them for `Float8InferenceLinear`: weights quantised once
-per output row, activations per row at every call, both e4m3 with float32 scales, multiplied by `torch._scaled_mm`
-(torchao's own inference quantisation refuses CPUs; this runs on both). Both are fast only on GPUs with FP8 tensor
-cores (H100 and later).
+per output row, activations per row at every call, both e4m3 with float32 scales, multiplied by `torch._scaled_mm` on
+the GPU; on a CPU (where `_scaled_mm` takes one scale per tensor, and torchao's inference quantisation refuses to
+run) the same e4m3 values are multiplied in float32. Both are fast only on GPUs with FP8 tensor cores (compute
+capability 8.9: L40S, RTX 4090, H100 and later).
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+FP8_CAPABILITY = (8, 9)  # CUDA compute capability of the first GPUs with FP8 tensor cores
 FP8_MULTIPLE = 16  # float8 matmuls need both dimensions of the weight divisible by 16
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
 SMALLEST_SCALE = 1e-12  # a row of zeros keeps a finite scale
@@ -62,9 +65,28 @@ class Float8InferenceLinear(nn.Module):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         rows, row_scale = rowwise_e4m3(x.reshape(-1, x.shape[-1]))
-        out = torch._scaled_mm(rows, self.weight.t(), scale_a=row_scale, scale_b=self.weight_scale,
-                               bias=None if self.bias is None else self.bias.to(dtype), out_dtype=dtype)
+        if x.is_cuda:
+            out = torch._scaled_mm(rows, self.weight.t(), scale_a=row_scale, scale_b=self.weight_scale,
+                                   bias=None if self.bias is None else self.bias.to(dtype), out_dtype=dtype)
+        else:
+            out = self.dequantised_matmul(rows, row_scale)
+            out = (out if self.bias is None else out + self.bias).to(dtype)
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def dequantised_matmul(self, rows: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+        """The float32 product of the e4m3 operands times their scales (what `_scaled_mm` computes, without bias)."""
+        with torch.autocast(rows.device.type, enabled=False):
+            return F.linear(rows.float() * row_scale, self.weight.float() * self.weight_scale.t())
+
+
+def check_fp8_device(device: torch.device):
+    """Raise ValueError on a CUDA GPU without FP8 tensor cores (a CPU runs the float32 emulation)."""
+    if device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_CAPABILITY:
+        raise ValueError(f"--fp8 needs a GPU with FP8 tensor cores (compute capability 8.9 or newer: L40S, RTX 4090, "
+                         f"H100, ...); {torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}")
 
 
 def quantize_blocks_for_inference(model: nn.Module) -> int:

@@ -1,11 +1,12 @@
-"""FP8 sampling (generate.py --fp8, omegadit/fp8.py) against the plain path, on CPU: torch._scaled_mm runs the same
-rowwise-scaled e4m3 matmul there as on an H100."""
+"""FP8 sampling (generate.py --fp8, omegadit/fp8.py) against the plain path: on CPU the e4m3 operands are multiplied
+in float32 (CPUs' _scaled_mm takes one scale per tensor); on a GPU, _scaled_mm is checked against that product."""
 import copy
 
 import pytest
 import torch
 
-from omegadit.fp8 import E4M3_MAX, Float8InferenceLinear, quantize_blocks_for_inference, rowwise_e4m3
+from omegadit.fp8 import (
+    E4M3_MAX, Float8InferenceLinear, check_fp8_device, quantize_blocks_for_inference, rowwise_e4m3)
 from test_fast_path import BF16_TOLERANCE, relative_error
 from test_sit import inputs, tiny_text_sit
 
@@ -63,12 +64,39 @@ def test_fp8_blocks_keep_the_sampling_velocity_close():
     assert relative_error(v8, v32) < BF16_TOLERANCE  # with bf16 elsewhere: as close as the bf16 path must be
 
 
+def test_gpus_without_fp8_tensor_cores_are_refused(monkeypatch):
+    check_fp8_device(torch.device("cpu"))  # the float32 emulation
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match="FP8 tensor cores .*NVIDIA A100 has 8.0"):
+        check_fp8_device(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_fp8_device(torch.device("cuda"))
+
+
 def test_a_model_without_eligible_blocks_is_refused():
     with pytest.raises(ValueError, match="--fp8: Sequential has no linear layer"):
         quantize_blocks_for_inference(torch.nn.Sequential(torch.nn.Linear(16, 16)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with FP8 tensor cores (H100 or newer)")
+needs_fp8_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs a CUDA GPU with FP8 tensor cores (compute capability 8.9 or newer)")
+
+
+@needs_fp8_gpu
+def test_scaled_mm_on_the_gpu_computes_the_product_of_the_e4m3_operands():
+    torch.manual_seed(0)
+    fp8 = Float8InferenceLinear(torch.nn.Linear(256, 512)).cuda()
+    x = torch.randn(1000, 256, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = fp8(x)
+    reference = fp8.dequantised_matmul(*rowwise_e4m3(x)) + fp8.bias
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out, reference) < 4e-3  # bf16 output rounding only
+
+
+@needs_fp8_gpu
 def test_compiled_fp8_blocks_on_the_gpu_match_eager_fp8():
     """The CUDA path (_scaled_mm with rowwise scales, bf16 out) under torch.compile, as generate.py runs it."""
     model = unit_gain_sit().cuda()
