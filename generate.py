@@ -362,10 +362,10 @@ def main(args):
     stats = latent_stats(args, loaded)
     use_bf16 = args.mixed_precision == "bf16" or (
         args.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if args.fp8 and not use_bf16:
-        raise ValueError("--fp8 runs inside bf16 autocast, which --mixed-precision auto turns on only on CUDA GPUs "
-                         "with bf16: add --mixed-precision bf16")
     if args.fp8:
+        if not use_bf16:
+            raise ValueError("--fp8 runs inside bf16 autocast, which --mixed-precision auto turns on only on CUDA "
+                             "GPUs with bf16: add --mixed-precision bf16")
         check_fp8_device(device)
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True

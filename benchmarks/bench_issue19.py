@@ -75,8 +75,9 @@ def build_step(model_name, batch, compile_mode, checkpointing=False, fp8=False, 
                encoders=None, cuda_graphs=False):
     """A closure running one SiT training step, and the model. REPA targets and caption embeddings are given, or
     with `encoders` (a folder of `write_encoder_weights`) computed in each step by DINOv2-B/14 and a CLIP-L text
-    model, loaded and compiled as train.py loads and compiles them. shapes: dict(latent, text, z_dim) (z_dim None: no REPA), default SiT-B/1's;
-    cuda_graphs: the compiled backbone replayed as CUDA graphs (train.py --cuda-graphs)."""
+    model, loaded and compiled as train.py loads and compiles them. shapes: dict(latent, text, z_dim) (z_dim None:
+    no REPA), default SiT-B/1's; cuda_graphs: the compiled backbone replayed as CUDA graphs (train.py
+    --cuda-graphs)."""
     from accelerate import Accelerator
 
     from loss import TrainingLoss
