@@ -25,10 +25,10 @@ def fp8_eligible(module: nn.Module, name: str) -> bool:
             and module.in_features % FP8_MULTIPLE == 0 and module.out_features % FP8_MULTIPLE == 0)
 
 
-def _eligible_names(model: nn.Module, flag: str) -> set:
+def _eligible_names(model: nn.Module) -> set:
     names = {name for name, module in model.named_modules() if fp8_eligible(module, name)}
     if not names:
-        raise ValueError(f"{flag}: {type(model).__name__} has no linear layer in `blocks` that FP8 can run")
+        raise ValueError(f"--fp8: {type(model).__name__} has no linear layer in `blocks` that FP8 can run")
     return names
 
 
@@ -38,7 +38,7 @@ def convert_blocks_to_float8(model: nn.Module) -> int:
         from torchao.float8 import convert_to_float8_training
     except ImportError as err:
         raise ImportError("--fp8 needs torchao: pip install torchao (a release built for this torch version)") from err
-    names = _eligible_names(model, "--fp8")
+    names = _eligible_names(model)
     convert_to_float8_training(model, module_filter_fn=lambda module, name: name in names)
     return len(names)
 
@@ -85,13 +85,14 @@ def check_fp8_device(device: torch.device):
         return
     capability = torch.cuda.get_device_capability(device)
     if capability < FP8_CAPABILITY:
-        raise ValueError(f"--fp8 needs a GPU with FP8 tensor cores (compute capability 8.9 or newer: L40S, RTX 4090, "
-                         f"H100, ...); {torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}")
+        raise ValueError(f"--fp8 needs a GPU with FP8 tensor cores (compute capability {FP8_CAPABILITY[0]}."
+                         f"{FP8_CAPABILITY[1]} or newer: L40S, RTX 4090, H100, ...); "
+                         f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}")
 
 
 def quantize_blocks_for_inference(model: nn.Module) -> int:
     """Swap the eligible linears of a sampling model for `Float8InferenceLinear` in place; returns how many."""
-    names = _eligible_names(model, "--fp8")
+    names = _eligible_names(model)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from omegadit.fp8 import (
-    E4M3_MAX, Float8InferenceLinear, check_fp8_device, quantize_blocks_for_inference, rowwise_e4m3)
+    E4M3_MAX, FP8_CAPABILITY, Float8InferenceLinear, check_fp8_device, quantize_blocks_for_inference,
+    rowwise_e4m3)
 from test_fast_path import BF16_TOLERANCE, relative_error
 from test_sit import inputs, tiny_text_sit
 
@@ -80,7 +81,7 @@ def test_a_model_without_eligible_blocks_is_refused():
 
 
 needs_fp8_gpu = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < FP8_CAPABILITY,
     reason="needs a CUDA GPU with FP8 tensor cores (compute capability 8.9 or newer)")
 
 
