@@ -115,7 +115,6 @@ class RepaEncoder(nn.Module):
         unfilled = [name for name, buffer in self.model.named_buffers() if buffer.is_meta]
         if unfilled:
             raise ValueError(f"{path} leaves {self.name}'s buffers {unfilled[:3]} unset")
-        self.requires_grad_(False)
         return self
 
 
