@@ -40,6 +40,14 @@ def deterministic_training_model():
     return model
 
 
+def unit_gain_(model):
+    """Give `model` weights of unit gain in place, so that its blocks (where FP8 acts) shape outputs and gradients."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, p[0].numel() ** -0.5 if p.dim() > 1 else 0.02)
+    return model
+
+
 def test_bf16_autocast_matches_float32():
     model = deterministic_training_model()
     x, t, y = inputs(model, batch=4)
@@ -156,10 +164,7 @@ def test_fp8_blocks_keep_the_checkpoint_keys_and_stay_close_to_float32():
     pytest.importorskip("torchao", reason="FP8 training is optional (pip install torchao)")
     from omegadit.fp8 import convert_blocks_to_float8
 
-    reference = deterministic_training_model()
-    with torch.no_grad():  # unit-gain weights, so that the blocks (where FP8 acts) shape the gradients
-        for p in reference.parameters():
-            p.normal_(0, p[0].numel() ** -0.5 if p.dim() > 1 else 0.02)
+    reference = unit_gain_(deterministic_training_model())
     fp8 = copy.deepcopy(reference)
     assert convert_blocks_to_float8(fp8) == 2 * len(fp8.blocks)  # qkv and proj; SwiGLU widths are not x16 here
     assert list(fp8.state_dict()) == list(reference.state_dict())

@@ -8,7 +8,7 @@ import torch
 from omegadit.fp8 import (
     E4M3_MAX, FP8_CAPABILITY, Float8InferenceLinear, check_fp8_device, quantize_blocks_for_inference,
     rowwise_e4m3)
-from test_fast_path import BF16_TOLERANCE, relative_error
+from test_fast_path import BF16_TOLERANCE, relative_error, unit_gain_
 from test_sit import inputs, tiny_text_sit
 
 E4M3_STEP = 2 ** -3  # 3 mantissa bits: neighbouring e4m3 values are up to 12.5% apart, rounding error up to half
@@ -40,13 +40,9 @@ def test_float8_linear_computes_the_linear_within_e4m3_rounding():
 
 
 def unit_gain_sit():
-    """A tiny text SiT with weights of unit gain, so that the blocks (where FP8 acts) shape the output."""
+    """A tiny text SiT with weights of unit gain (seeded)."""
     torch.manual_seed(0)
-    model = tiny_text_sit().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, p[0].numel() ** -0.5 if p.dim() > 1 else 0.02)
-    return model
+    return unit_gain_(tiny_text_sit().eval())
 
 
 def test_fp8_blocks_keep_the_sampling_velocity_close():
