@@ -104,14 +104,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, rope_cos, rope_sin):
-        """x (N, tokens, dim); RoPE tables (tokens, head_dim) or (N, 1, tokens, head_dim), pairs of equal channels
-        (`rope_2d_tables`). Queries and keys are rotated together in one pass that writes SDPA's (N, heads,
-        tokens, head_dim) layout; values are read in place from the projection's output."""
+        """x (N, tokens, dim); RoPE tables (tokens, head_dim) or (N, tokens, 1, head_dim), pairs of equal channels
+        (`rope_2d_tables`). Everything stays in the projection's (N, tokens, heads, head_dim) order: queries and
+        keys are rotated together in one pass, values are read in place, and SDPA gets transposed views, so its
+        output reshapes to (N, tokens, dim) without a copy."""
         batch, tokens, dim = x.shape
-        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if rope_cos.dim() == 2:
+            rope_cos, rope_sin = rope_cos.unsqueeze(1), rope_sin.unsqueeze(1)
+        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 1, 3, 4)
         qk = torch.stack([self.q_norm(qkv[0]), self.k_norm(qkv[1])]) if self.qk_norm else qkv[:2]
         q, k = apply_rope_paired(qk, rope_cos, rope_sin).to(qkv.dtype).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, qkv[2])
+        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), qkv[2].transpose(1, 2))
         return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
 
 
@@ -284,12 +287,13 @@ class SiT(Backbone):
         tokens."""
         cos, sin = self.rope_cos, self.rope_sin
         if image_ids is not None:
-            cos, sin = cos[image_ids].unsqueeze(1), sin[image_ids].unsqueeze(1)
+            cos, sin = cos[image_ids], sin[image_ids]
         if self.text_len:
-            batch_shape = cos.shape[:-2]
-            ones = cos.new_ones(*batch_shape, self.text_len, cos.shape[-1])
+            ones = cos.new_ones(*cos.shape[:-2], self.text_len, cos.shape[-1])
             cos = torch.cat([ones, cos], dim=-2)
             sin = torch.cat([torch.zeros_like(ones), sin], dim=-2)
+        if image_ids is not None:  # per-sample tables, in the attention's (N, tokens, heads, head_dim) order
+            cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
         return cos, sin
 
     def _run_block(self, block, x, c, rope):

@@ -109,13 +109,15 @@ def test_fused_qk_rope_attention_matches_the_plain_path(qk_norm, per_sample_tabl
     for p in attention.parameters():
         torch.nn.init.normal_(p, std=0.3)
     cos, sin = rope_2d_tables(8, 4)  # 16 image tokens
-    if per_sample_tables:  # SPRINT's kept tokens: (N, 1, tokens, head_dim)
+    fast_tables = plain_tables = cos, sin
+    if per_sample_tables:  # SPRINT's kept tokens: (N, tokens, 1, head_dim); the plain path's (N, 1, tokens, head_dim)
         keep = torch.stack([torch.randperm(16)[:10] for _ in range(3)])
-        cos, sin = cos[keep].unsqueeze(1), sin[keep].unsqueeze(1)
+        cos, sin = cos[keep], sin[keep]
+        fast_tables, plain_tables = (cos.unsqueeze(2), sin.unsqueeze(2)), (cos.unsqueeze(1), sin.unsqueeze(1))
     x = torch.randn(3, cos.shape[-2], 32, requires_grad=True)
-    fast = attention(x, cos, sin)
+    fast = attention(x, *fast_tables)
     grads_fast = torch.autograd.grad(fast.square().sum(), [x, *attention.parameters()])
-    plain = plain_attention(attention, x, cos, sin)
+    plain = plain_attention(attention, x, *plain_tables)
     grads_plain = torch.autograd.grad(plain.square().sum(), [x, *attention.parameters()])
     torch.testing.assert_close(fast, plain, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads_fast, grads_plain):
