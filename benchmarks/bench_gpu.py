@@ -97,21 +97,26 @@ def sit_step_bench(batch, compile_mode, checkpointing=False, warmup=5, iters=20)
     return dict(img_s=batch / seconds, step_ms=seconds * 1e3, peak_gb=torch.cuda.max_memory_allocated() / 1e9)
 
 
-def full_step_bench(batch, compile_mode, checkpointing=False, warmup=5, iters=20, compile_encoders=False):
+def full_step_bench(batch, compile_mode, checkpointing=False, warmup=5, iters=20, compile_encoders=False,
+                    cached_text=False):
+    """DINOv2-B features and CLIP-L caption tokens computed in every step, then the SiT step; with `cached_text` the
+    caption tokens are given instead (train.py --text-emb-dir), and only DINOv2 runs."""
     accelerator, model, ema, optimizer, scheduler, loss_fn = training_setup(compile_mode, checkpointing)
     dino = build_repa_encoder("dinov2-vit-b", resolution=RESOLUTION, pretrained=False).cuda()
-    clip = build_clip_text()
+    clip = None if cached_text else build_clip_text()
     if compile_encoders:
         dino.compile()
-        clip.compile()
+        if clip is not None:
+            clip.compile()
     images = torch.randint(0, 256, (batch, 3, RESOLUTION, RESOLUTION), dtype=torch.uint8, device="cuda")
     token_ids = torch.randint(0, 49408, (batch, TEXT[0]), device="cuda")
+    caption_tokens = torch.randn(batch, *TEXT, device="cuda")
     latents = torch.randn(batch, *LATENT, device="cuda")
 
     def step():
         with torch.no_grad(), accelerator.autocast():
             zs = [dino(images)]
-            y = clip(token_ids, output_hidden_states=True).hidden_states[-2]
+            y = caption_tokens if clip is None else clip(token_ids, output_hidden_states=True).hidden_states[-2]
         forward_backward(accelerator, model, loss_fn, latents, dict(y=y), zs, RECIPE)
         optimizer_step(accelerator, model, ema, optimizer, scheduler, RECIPE, 0)
 
@@ -223,6 +228,8 @@ def main():
     record("sit_step_compiled_model", lambda: sit_step_bench(args.batch, "model"))
     record("full_step_compiled_model", lambda: full_step_bench(args.batch, "model"))
     record("full_step_compiled_all", lambda: full_step_bench(args.batch, "model", compile_encoders=True))
+    record("full_step_cached_text", lambda: full_step_bench(args.batch, "model", compile_encoders=True,
+                                                            cached_text=True))
     record("full_step_ckpt_1024", lambda: full_step_bench(1024, "model", checkpointing=True, warmup=2, iters=5,
                                                                 compile_encoders=True))
     record("sample_sde_fp32_b64", lambda: sampling_bench("sde", 64, False, False))
