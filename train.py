@@ -569,8 +569,12 @@ def train(args, accelerator, exp_dir, lock):
     batches, data_state = build_batches(args, dataset, accelerator, step, plan.path, log,
                                         conditioner.batch_transform())
 
+    waited = {"seconds": 0.0}  # host time blocked on the loader since the last log line
+
     def next_micro_batch():
+        wait_start = time.perf_counter()
         images, latents, conditions, *masks = next(batches)
+        waited["seconds"] += time.perf_counter() - wait_start
         images = images.to(device, non_blocking=True)
         latents = latents.to(device, non_blocking=True)
         y = conditioner(conditions, device)
@@ -610,14 +614,15 @@ def train(args, accelerator, exp_dir, lock):
                     raise SystemExit(1)
                 elapsed = time.perf_counter() - window_start
                 mean = accelerator.reduce(sums, "mean") / (window_steps * args.gradient_accumulation_steps)
+                slowest_wait = accelerator.gather(torch.tensor([waited["seconds"]], device=device)).max().item()
                 record = {"step": step, **{("loss" if n == "loss" else f"loss_{n}"): v
                                            for n, v in zip(names, mean.tolist())},
                           "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                          "step_time": elapsed / window_steps,
+                          "step_time": elapsed / window_steps, "data_wait": slowest_wait / window_steps,
                           "images_per_sec": window_steps * args.batch_size / elapsed}
                 log_metrics(accelerator, exp_dir, record, loss_fn.term_names)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_sec']:.1f}")
-                sums, window_start, window_steps = None, time.perf_counter(), 0
+                sums, window_start, window_steps, waited["seconds"] = None, time.perf_counter(), 0, 0.0
             sample_due = sampler is not None and step % args.sample_every == 0
             eval_due = evaluator is not None and step % args.eval_every == 0
             if args.fsdp and (sample_due or eval_due):

@@ -25,7 +25,7 @@ def log_metrics(accelerator, exp_dir, record, term_names):
     terms = ", ".join(f"{name} {record[f'loss_{name}']:.4f}" for name in term_names)
     tqdm.write(f"step {record['step']}: loss {record['loss']:.4f} ({terms}) lr {record['lr']:.2e} "
                f"grad_norm {record['grad_norm']:.3f} {record['step_time']:.3f}s/step "
-               f"{record['images_per_sec']:.1f} img/s")
+               f"(data wait {record['data_wait']:.3f}s) {record['images_per_sec']:.1f} img/s")
     with open(exp_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])

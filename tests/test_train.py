@@ -43,7 +43,7 @@ def test_tiny_training_writes_checkpoints_logs_and_samples(text_dataset, minilm,
     assert sorted(p.name for p in (exp / "checkpoints").iterdir()) == ["0000004"]
     records = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    for key in ("loss", "loss_denoise", "loss_proj", "loss_cfm", "lr", "grad_norm", "images_per_sec"):
+    for key in ("loss", "loss_denoise", "loss_proj", "loss_cfm", "lr", "grad_norm", "images_per_sec", "data_wait"):
         assert all(key in r for r in records)
     assert records[0]["loss"] != records[-1]["loss"]
     assert (exp / "samples" / "0000004.png").exists()
@@ -57,6 +57,25 @@ def test_tiny_training_writes_checkpoints_logs_and_samples(text_dataset, minilm,
                                                                      "text_len": 16, "clip_output": "penultimate"}}
     assert description["objective"]["name"] == "flow" and description["objective"]["config"]["time_shifting"]
     assert description["autoencoder"] == "pixel" and len(description["latent_stats"]["mean"]) == 48
+
+
+def test_logged_data_wait_is_the_time_steps_spend_waiting_for_batches(text_dataset, minilm, tmp_path,
+                                                                      fresh_accelerate_state, monkeypatch):
+    build_batches = train.build_batches
+
+    def slow_batches(*args, **kwargs):
+        batches, data_state = build_batches(*args, **kwargs)
+
+        def delayed():
+            for batch in batches:
+                time.sleep(0.3)
+                yield batch
+        return delayed(), data_state
+    monkeypatch.setattr(train, "build_batches", slow_batches)
+    run_training(train_argv(text_dataset, tmp_path, minilm, "--max-train-steps", "2", "--checkpointing-steps", "2"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(0.3 <= r["data_wait"] <= r["step_time"] for r in records)
 
 
 def test_resume_gives_the_same_weights_as_one_run(text_dataset, minilm, tmp_path, fresh_accelerate_state):
