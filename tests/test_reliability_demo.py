@@ -10,7 +10,8 @@ FAKE_TRAIN = r"""
 import sys
 for step in (1, 2):
     sys.stderr.write(f"\rtrain: {step * 25}%|##   | {step}/4 [00:0{step}<00:03]\r{' ' * 40}\r")  # tqdm.write
-    print(f"step {step}: loss 0.5000 (denoise 0.5000) lr 1.00e-03 grad_norm 0.100 1.500s/step (data wait 0.010s) 5.0 img/s")
+    print(f"step {step}: loss 0.5000 (denoise 0.5000) lr 1.00e-03 grad_norm 0.100 1.500s/step "
+          "(data wait 0.010s) 5.0 img/s")
 print("[2026-01-01 00:00:00] saved checkpoint exps/shapes/checkpoints/0000004")
 print("[2026-01-01 00:00:01] done at step 4: 4 steps in 6.0s")
 print("a line the console does not need")
@@ -41,8 +42,10 @@ def test_training_progress_reaches_the_console_with_an_eta(tmp_path, capsys):
     demo.run_tool([sys.executable, "-c", FAKE_TRAIN], tmp_path / "train.log", show=demo.training_progress(4))
     out = capsys.readouterr().out.splitlines()
     assert out == [
-        "    step 1/4: loss 0.5000 (denoise 0.5000) lr 1.00e-03 grad_norm 0.100 1.500s/step (data wait 0.010s) 5.0 img/s; ETA 0m04s",
-        "    step 2/4: loss 0.5000 (denoise 0.5000) lr 1.00e-03 grad_norm 0.100 1.500s/step (data wait 0.010s) 5.0 img/s; ETA 0m03s",
+        "    step 1/4: loss 0.5000 (denoise 0.5000) lr 1.00e-03 grad_norm 0.100 1.500s/step (data wait 0.010s) "
+        "5.0 img/s; ETA 0m04s",
+        "    step 2/4: loss 0.5000 (denoise 0.5000) lr 1.00e-03 grad_norm 0.100 1.500s/step (data wait 0.010s) "
+        "5.0 img/s; ETA 0m03s",
         "    [2026-01-01 00:00:00] saved checkpoint exps/shapes/checkpoints/0000004",
         "    [2026-01-01 00:00:01] done at step 4: 4 steps in 6.0s",
     ]
