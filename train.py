@@ -319,6 +319,10 @@ def build_conditioner(args, dataset, device):
                          f"but --text-len is "
                          f"{args.text_len}: pass --text-len {tokens} or re-run encode-text with --text-len "
                          f"{args.text_len}")
+    recorded = (getattr(dataset, "meta", None) or {}).get("clip_output")  # shards written by encode-wds record it
+    if recorded is not None and recorded != args.clip_output:
+        raise ValueError(f"the caption embeddings in {args.data_dir} hold the text encoder's {recorded} hidden state "
+                         f"but --clip-output is {args.clip_output}: pass --clip-output {recorded}")
     return conditioner, dim
 
 

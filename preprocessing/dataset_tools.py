@@ -480,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--posterior-seed", type=int, default=0)
     p.add_argument("--text-encoder", help="also cache caption embeddings of this text encoder in the shards")
     p.add_argument("--text-len", type=int, default=DEFAULT_TEXT_LEN, help="caption tokens of the cached embeddings")
+    p.add_argument("--clip-output", default="penultimate", choices=CLIP_OUTPUTS,
+                   help="a CLIP encoder's penultimate or last hidden state (train.py --clip-output must match)")
     p.add_argument("--chunk-bytes", default="64MB", help="size of the LitData chunk files")
 
     p = commands.add_parser("check", help="load every file of a dataset and list each problem (exit code 1 if any)")
@@ -528,7 +530,7 @@ def run_command(args) -> int:
         from preprocessing.encode_wds import encode_wds
         meta = encode_wds(args.source, args.dest, args.tokenizer, args.resolution, args.batch_size, args.images,
                           args.posterior, args.posterior_seed, args.ckpt_path, args.text_encoder, args.text_len,
-                          args.chunk_bytes)
+                          args.chunk_bytes, args.clip_output)
         if meta is not None:
             print(f"encode-wds: {meta['num_items']} items with {', '.join(meta['fields'])} in {args.dest}")
         return 0

@@ -86,7 +86,7 @@ class Encoder:
     """The autoencoder (and optionally the text encoder) of one process; `items(tar)` yields the shard items."""
 
     def __init__(self, tokenizer: str, resolution: int, device, batch_size: int, images: bool, posterior,
-                 posterior_seed: int, ckpt_path=None, text_encoder=None, text_len=None):
+                 posterior_seed: int, ckpt_path=None, text_encoder=None, text_len=None, clip_output="penultimate"):
         from models.tokenizers import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer, device=device, ckpt_path=ckpt_path)
@@ -95,7 +95,8 @@ class Encoder:
         self.text_encoder = None
         if text_encoder:
             from models.text_encoder import TextEncoder
-            self.text_encoder = TextEncoder.load(text_encoder, device=device, max_length=text_len)
+            self.text_encoder = TextEncoder.load(text_encoder, device=device, max_length=text_len,
+                                                 clip_output=clip_output)
 
     def items(self, tar):
         """The shard items of the tar `tar` (samples without a caption or a readable image are skipped, noted)."""
@@ -143,9 +144,10 @@ class Encoder:
 
 def encode_wds(source, out_dir, tokenizer: str, resolution: int, batch_size: int = 64, images: bool = True,
                posterior=None, posterior_seed: int = 0, ckpt_path=None, text_encoder=None, text_len: int = 77,
-               chunk_bytes=DEFAULT_CHUNK_BYTES):
+               chunk_bytes=DEFAULT_CHUNK_BYTES, clip_output: str = "penultimate"):
     """Encode the webdataset tars of `source` into the shard dataset `out_dir` on every accelerate process;
-    returns the description (on the main process; None on the others)."""
+    returns the description (on the main process; None on the others). clip_output: which hidden state of a CLIP
+    text encoder the cached caption embeddings hold (train.py --clip-output must match)."""
     from accelerate import PartialState
 
     from preprocessing.dataset_tools import default_posterior
@@ -163,6 +165,8 @@ def encode_wds(source, out_dir, tokenizer: str, resolution: int, batch_size: int
     settings = {"tokenizer": tokenizer, "resolution": resolution, "posterior": posterior,
                 "posterior_seed": posterior_seed if posterior == "sample" else None, "images": images,
                 "text_encoder": text_encoder, "text_len": text_len if text_encoder else None}
+    if text_encoder and clip_output != "penultimate":  # the default is left out: folders written before keep matching
+        settings["clip_output"] = clip_output
     if state.is_main_process:
         check_settings(out_dir / SETTINGS_FILE, settings)
     state.wait_for_everyone()
@@ -172,7 +176,7 @@ def encode_wds(source, out_dir, tokenizer: str, resolution: int, batch_size: int
           f"encode on {state.device}")
     if mine:
         encoder = Encoder(tokenizer, resolution, state.device, batch_size, images, posterior, posterior_seed,
-                          ckpt_path, text_encoder, text_len)
+                          ckpt_path, text_encoder, text_len, clip_output)
         from tqdm import tqdm
         for tar in tqdm(mine, desc=f"encode-wds {state.device}", position=state.process_index):
             write_part(out_dir, tar.stem, encoder.items(tar), chunk_bytes)
@@ -183,5 +187,5 @@ def encode_wds(source, out_dir, tokenizer: str, resolution: int, batch_size: int
              "encoding": {"tokenizer": tokenizer, "posterior": posterior,
                           **({"posterior_seed": posterior_seed} if posterior == "sample" else {})}}
     if text_encoder:
-        extra.update(text_encoder=text_encoder, text_len=text_len)
+        extra.update(text_encoder=text_encoder, text_len=text_len, clip_output=clip_output)
     return finalize(out_dir, extra)

@@ -186,6 +186,43 @@ def test_encode_wds_writes_shards_and_redoes_only_unfinished_tars(tmp_path, caps
     assert len(ShardDataset(out)) == 6
 
 
+def test_encode_wds_caches_the_clip_layer_asked_for_and_train_refuses_another(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    import train
+    from test_text_encoder import _save_tiny_clip
+
+    text_model, tokenizer = _save_tiny_clip(tmp_path / "clip", text_only=True)
+    source = tmp_path / "wds"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    write_wds_tar(source / "00000.tar", {
+        f"0000{i}": (PIL.Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)), caption, False)
+        for i, caption in enumerate(["a red cat", "a blue bed"])})
+    out = tmp_path / "shards"
+    argv = ["encode-wds", "--source", str(source), "--dest", str(out), "--tokenizer", "pixel:4", "--resolution", "16",
+            "--text-encoder", str(tmp_path / "clip"), "--text-len", "77"]
+    assert dataset_tools([*argv, "--clip-output", "last"]) == 0
+    dataset = ShardDataset(out, need_images=False, use_text_emb=None)
+    assert dataset.meta["clip_output"] == "last"
+    for i in range(2):
+        ids = tokenizer([dataset.raw_item(i)["caption"]], padding="max_length", max_length=77, truncation=True,
+                        return_tensors="pt").input_ids
+        with torch.no_grad():
+            hidden = text_model(input_ids=ids, output_hidden_states=True)
+        torch.testing.assert_close(dataset[i][2], hidden.last_hidden_state[0], atol=5e-3, rtol=5e-3)
+        assert not torch.allclose(dataset[i][2], hidden.hidden_states[-2][0], atol=5e-2)
+    capsys.readouterr()
+    assert dataset_tools(argv) == 2  # the folder's settings record the layer: a rerun with another is refused
+    assert "holds items written with" in capsys.readouterr().err
+    args = SimpleNamespace(use_json_dataset=True, text_encoder="unused", text_len=77, cfg_prob=0.1,
+                           clip_output="penultimate", sample_every=0, text_emb_dir=None, data_dir=str(out))
+    with pytest.raises(ValueError, match="pass --clip-output last"):
+        train.build_conditioner(args, dataset, "cpu")
+    args.clip_output = "last"
+    assert train.build_conditioner(args, dataset, "cpu")[1] == 32
+
+
 def test_cached_caption_embeddings_travel_in_the_shards(text_dataset, tmp_path):
     from types import SimpleNamespace
 
