@@ -58,11 +58,9 @@ def build_sit(compile_mode, checkpointing=False):
 
 
 def build_clip_text():
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from prepare_gpu_run import clip_l_text
 
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
-    return CLIPTextModel(config).cuda().eval().requires_grad_(False)
+    return clip_l_text().cuda().eval().requires_grad_(False)
 
 
 def training_setup(compile_mode, checkpointing=False):

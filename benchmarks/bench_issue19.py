@@ -133,13 +133,12 @@ def frozen_encoders(batch, compile_mode, accelerator, weights):
     """() -> (caption tokens of CLIP-L text, [DINOv2-B/14 features]) for random 256 px images and token ids, as
     train.py's `next_micro_batch` computes them; both networks loaded from `weights` (`write_encoder_weights`) and
     compiled as train.py loads and compiles its frozen encoders."""
-    from transformers import CLIPTextModel
-
     from models.repa_encoders import load_repa_encoders
     from omegadit.compilation import compile_frozen
+    from prepare_gpu_run import clip_l_text
 
-    [dino] = load_repa_encoders("dinov2-vit-b", 256, device=device(), weights=weights)
-    clip = CLIPTextModel.from_pretrained(Path(weights) / "clip-l-text").to(device()).eval().requires_grad_(False)
+    [dino] = load_repa_encoders("dinov2-vit-b", 256, device=device(), weights=Path(weights) / "dinov2-b.safetensors")
+    clip = clip_l_text(Path(weights) / "clip-l").to(device()).eval().requires_grad_(False)
     if compile_mode != "eager":
         compile_frozen(dino.model, compile_mode)
         compile_frozen(clip, compile_mode)
@@ -153,22 +152,12 @@ def frozen_encoders(batch, compile_mode, accelerator, weights):
 
 
 def write_encoder_weights(folder: Path):
-    """Random DINOv2-B/14 and CLIP-L text weights in the layouts train.py reads (`--enc-weights` folder, a
-    transformers model folder), so that the start-up sections load them as train.py loads the released ones."""
-    from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """Random DINOv2-B/14 and CLIP-L text weights in the layouts train.py reads (prepare_gpu_run.py's), written once,
+    so that the start-up sections load them as train.py loads the released ones."""
+    from prepare_gpu_run import write_random_encoders
 
-    from models.repa_encoders import DINOV2_MODELS, build_repa_encoder
-
-    if (folder / "clip-l-text").is_dir():
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    dino = build_repa_encoder("dinov2-vit-b", 256)
-    save_file({k: v.contiguous() for k, v in dino.model.state_dict().items()},
-              str(folder / f"{DINOV2_MODELS['dinov2-vit-b']}.safetensors"))
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
-    CLIPTextModel(config).save_pretrained(folder / "clip-l-text")
+    if not (folder / "dinov2-b.safetensors").is_file():
+        write_random_encoders(folder)
 
 
 def steady_summary(stamps, start, batch):

@@ -39,19 +39,33 @@ def main():
         target.parent.mkdir(parents=True, exist_ok=True)
         np.save(target, rng.standard_normal((32, 16, 16), dtype=np.float32))
 
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
-    CLIPTextModel(config).save_pretrained(out / "clip-l")
     tokenizer_files = [f for f in Path(args.tokenizer_files).iterdir() if f.name in TOKENIZER_FILES]
     if not any(f.name == "tokenizer_config.json" for f in tokenizer_files):
         raise SystemExit(f"{args.tokenizer_files} holds no tokenizer_config.json: pass a Hugging Face tokenizer folder")
+    write_random_encoders(out)
     for f in tokenizer_files:
         shutil.copy(f, out / "clip-l" / f.name)
+    print(f"prepared {out}")
+
+
+def clip_l_text(weights=None):
+    """A CLIP-L/14 text model: random weights of the real size, or loaded from `weights` (a transformers folder)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if weights is not None:
+        return CLIPTextModel.from_pretrained(weights)
+    return CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                        hidden_act="quick_gelu"))
+
+
+def write_random_encoders(out: Path):
+    """Random-weight encoders in the layouts train.py reads: out/clip-l (a transformers folder, for --clip-model-id
+    once tokenizer files are added) and out/dinov2-b.safetensors (for --enc-weights)."""
+    out.mkdir(parents=True, exist_ok=True)
+    clip_l_text().save_pretrained(out / "clip-l")
     encoder = build_repa_encoder("dinov2-vit-b", resolution=256, pretrained=False)
     save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, str(out / "dinov2-b.safetensors"))
-    print(f"prepared {out}")
 
 
 if __name__ == "__main__":
